@@ -1,0 +1,140 @@
+#ifndef OPENMM_CGML_INTEGRATOR_H_
+#define OPENMM_CGML_INTEGRATOR_H_
+
+#include "openmm/Integrator.h"
+#include "openmm/Kernel.h"
+#include <torch/types.h>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace CGML {
+
+class LearnedStep;
+
+/**
+ * An Integrator that advances a coarse-grained system by one large learned step per
+ * call (Fu et al., TMLR 2023). A TorchScript dynamics model predicts a Gaussian over
+ * each bead's acceleration from the last seqLen frames; an optional TorchScript score
+ * model refines the prediction by annealed Langevin dynamics. No forces are computed.
+ *
+ * Units are OpenMM's: positions in nm, time in ps. The models work in nm with dt = 1
+ * (accelerations in nm per step^2); see docs/contract.md for the TorchScript contract.
+ *
+ * The integrator owns the history of the last seqLen frames (oldest first). If no
+ * history was set, the first step builds one from the context's positions x and
+ * velocities v as x_{t-k} = x - k v dt; whenever the context's positions or velocities
+ * no longer match the newest frame (the user set new ones), it is rebuilt the same way.
+ * Checkpoints carry the history and the random state; serialization carries the model
+ * bytes, the configuration, the history and the random state.
+ */
+class CGMLIntegrator : public OpenMM::Integrator {
+public:
+    /**
+     * Create an integrator from serialized TorchScript archives (the bytes of .pt files).
+     *
+     * @param dynamicsModel  bytes of the dynamics module archive
+     * @param scoreModel     bytes of the score module archive, or empty for none
+     * @param stepSize       step size in ps; <= 0 means the dynamics model's step_size_ps
+     * @param allowStepSizeOverride  accept a step size different from the model's
+     */
+    CGMLIntegrator(const std::string& dynamicsModel, const std::string& scoreModel = "",
+                   double stepSize = 0.0, bool allowStepSizeOverride = false);
+    /** Create an integrator from TorchScript files (paths). */
+    static CGMLIntegrator* fromFiles(const std::string& dynamicsPath, const std::string& scorePath = "",
+                                     double stepSize = 0.0, bool allowStepSizeOverride = false);
+    ~CGMLIntegrator();
+
+    void step(int steps) override;
+    void setStepSize(double size) override;
+
+    const std::string& getDynamicsModelBytes() const { return dynamicsBytes; }
+    const std::string& getScoreModelBytes() const { return scoreBytes; }
+    bool hasScoreModel() const { return !scoreBytes.empty(); }
+    /** The step size (ps) the dynamics model was trained for. */
+    double getModelStepSize() const;
+    bool getAllowStepSizeOverride() const { return allowStepSizeOverride; }
+    void setAllowStepSizeOverride(bool allow) { allowStepSizeOverride = allow; }
+    /** Number of frames the dynamics model reads (its seq_len). */
+    int getSequenceLength() const;
+
+    /** Per-bead features, row-major [numBeads, numFeatures] float32. */
+    void setBeadFeatures(const std::vector<float>& values, int numBeads, int numFeatures);
+    const std::vector<float>& getBeadFeatures() const { return features; }
+    int getNumFeatures() const { return numFeatures; }
+    int getNumFeatureRows() const { return featureRows; }
+    /** CG bonds, each listed once, as pairs of bead indices (flattened [E,2]). */
+    void setBonds(const std::vector<long long>& pairs);
+    const std::vector<long long>& getBonds() const { return bonds; }
+
+    /**
+     * Set the history, row-major [numFrames, numBeads, 3] in nm, oldest first, frames one
+     * step apart. Only the last seqLen frames are kept. If the integrator is bound to a
+     * context, its positions and velocities are set from the newest frames.
+     */
+    void setHistory(const std::vector<double>& frames, int numFrames, int numBeads);
+    /** The current history, flattened [seqLen, numBeads, 3], or empty if none. */
+    std::vector<double> getHistory() const;
+    bool hasHistory() const;
+    int getHistoryBeads() const;
+
+    int getRandomNumberSeed() const { return randomSeed; }
+    /** Seed of the random generator; 0 (the default) picks a new seed each initialization. */
+    void setRandomNumberSeed(int seed) { randomSeed = seed; }
+    bool getDeterministic() const { return deterministic; }
+    /** Deterministic mode: use the predicted mean and no Langevin noise. */
+    void setDeterministic(bool value) { deterministic = value; }
+    int getLangevinSteps() const { return langevinSteps; }
+    void setLangevinSteps(int steps);
+    double getLangevinStepSize() const { return langevinStepSize; }
+    void setLangevinStepSize(double eps);
+    /** The score model's noise ladder (nm, largest first); empty without a score model. */
+    std::vector<double> getSigmas() const;
+    /** -1: follow System::usesPeriodicBoundaryConditions(); 0: non-periodic; 1: periodic. */
+    void setPeriodicMode(int mode);
+    int getPeriodicMode() const { return periodicMode; }
+
+    /** Access for kernels. */
+    LearnedStep& getLearnedStep();
+    bool usesPeriodicBox() const;
+    /**
+     * Called by kernels before each step with the context's positions and velocities
+     * (float64 [N,3] tensors). Rebuilds the history if they no longer match it. Returns
+     * true if a history set by the user before the first step must be written into the
+     * context instead.
+     */
+    bool synchronizeHistory(const torch::Tensor& positions, const torch::Tensor& velocities);
+
+protected:
+    void initialize(OpenMM::ContextImpl& context) override;
+    void cleanup() override;
+    std::vector<std::string> getKernelNames() override;
+    double computeKineticEnergy() override;
+    bool kineticEnergyRequiresForce() const override { return false; }
+    /** Velocities are backward differences (x_t - x_{t-1}) / dt: half a step behind. */
+    double getVelocityTimeOffset() const override { return getStepSize() / 2; }
+    void createCheckpoint(std::ostream& stream) const override;
+    void loadCheckpoint(std::istream& stream) override;
+
+private:
+    void checkStepSize(double size) const;
+    void checkParticleCount(int numParticles) const;
+    std::string dynamicsBytes, scoreBytes;
+    std::unique_ptr<LearnedStep> learnedStep;
+    bool allowStepSizeOverride;
+    std::vector<float> features;
+    int numFeatures, featureRows;
+    std::vector<long long> bonds;
+    int randomSeed;
+    bool deterministic;
+    int langevinSteps;
+    double langevinStepSize;
+    int periodicMode;
+    bool periodic;
+    bool pendingHistory;  // set by setHistory() while unbound: it wins over the context at the first step
+    OpenMM::Kernel kernel;
+};
+
+} // namespace CGML
+
+#endif

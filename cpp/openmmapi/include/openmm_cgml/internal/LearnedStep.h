@@ -1,0 +1,88 @@
+#ifndef OPENMM_CGML_LEARNED_STEP_H_
+#define OPENMM_CGML_LEARNED_STEP_H_
+
+#include <torch/script.h>
+#include <ATen/core/Generator.h>
+#include <iosfwd>
+#include <string>
+
+namespace CGML {
+
+/**
+ * The learned step, independent of any OpenMM platform: the TorchScript models, the
+ * history of the last seqLen frames and the random generator. Every platform kernel
+ * moves positions in and out; this class is the one implementation of METHOD.md
+ * steps 4-5 (predict with the dynamics model, refine with annealed Langevin dynamics).
+ *
+ * Positions and history are float64 [.., N, 3] tensors in nm; model inputs are float32.
+ */
+class LearnedStep {
+public:
+    struct Options {
+        bool deterministic = false;
+        int langevinSteps = 0;
+        double langevinStepSize = 0.0;
+    };
+
+    LearnedStep(const std::string& dynamicsBytes, const std::string& scoreBytes);
+
+    int getSequenceLength() const { return seqLen; }
+    double getModelStepSize() const { return modelStepSize; }
+    bool hasScoreModel() const { return hasScore; }
+    const torch::Tensor& getSigmas() const { return sigmas; }
+    int getDefaultLangevinSteps() const { return defaultLangevinSteps; }
+    double getDefaultLangevinStepSize() const { return defaultLangevinStepSize; }
+
+    /** Graph inputs shared by all steps: features [N,F] float32, bonds [E,2] int64, box [3,3]. */
+    void setFeatures(torch::Tensor features) { this->features = std::move(features); }
+    void setBonds(torch::Tensor bonds) { this->bonds = std::move(bonds); }
+    const torch::Tensor& getFeatures() const { return features; }
+    const torch::Tensor& getBondTensor() const { return bonds; }
+
+    void seed(uint64_t seed);
+
+    /** History [T,N,3] float64, oldest first, or an undefined tensor. */
+    const torch::Tensor& getHistory() const { return history; }
+    /** Keep the last seqLen frames of [F,N,3] (F >= seqLen). */
+    void setHistory(const torch::Tensor& frames);
+    void clearHistory() { history = torch::Tensor(); }
+    /** Whether positions x and velocities v (float64 [N,3]) are the newest history frame. */
+    bool matchesHistory(const torch::Tensor& x, const torch::Tensor& v, double dt) const;
+    /** x_{t-k} = x - k v dt for k = seqLen-1 .. 0. */
+    void rebuildHistory(const torch::Tensor& x, const torch::Tensor& v, double dt);
+    /** Velocity (x_t - x_{t-1}) / dt of the newest history frame (zero if seqLen == 1). */
+    torch::Tensor historyVelocity(double dt) const;
+
+    /**
+     * Predict the next positions (float64 [N,3]) from the history; the history is not
+     * changed. Throws OpenMMException naming the step and the stage on bad model output
+     * or a non-finite result.
+     */
+    torch::Tensor predict(const torch::Tensor& box, const Options& options, long long stepNumber);
+    /** Append a frame, dropping the oldest. */
+    void push(const torch::Tensor& x);
+
+    void writeState(std::ostream& stream) const;
+    void readState(std::istream& stream);
+
+private:
+    torch::Tensor runDynamics(const torch::Tensor& history32, const torch::Tensor& box, long long stepNumber,
+                              torch::Tensor& stdOut, torch::Tensor& latentOut);
+    torch::Tensor runScore(const torch::Tensor& x, const torch::Tensor& latent, const torch::Tensor& box,
+                           const torch::Tensor& sigma, long long stepNumber);
+    torch::Tensor normal(int64_t numBeads);
+
+    torch::jit::Module dynamics, score;
+    bool hasScore;
+    int seqLen;
+    double modelStepSize;
+    torch::Tensor sigmas;  // float32 [L]
+    int defaultLangevinSteps;
+    double defaultLangevinStepSize;
+    torch::Tensor features, bonds, history;
+    at::Generator generator;
+};
+
+} // namespace CGML
+
+#endif

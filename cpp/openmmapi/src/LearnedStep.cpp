@@ -1,0 +1,290 @@
+#include "openmm_cgml/internal/LearnedStep.h"
+#include "openmm/OpenMMException.h"
+#include <ATen/CPUGeneratorImpl.h>
+#include <cmath>
+#include <istream>
+#include <ostream>
+#include <sstream>
+#include <stdexcept>
+
+using namespace CGML;
+using OpenMM::OpenMMException;
+
+namespace {
+
+torch::jit::Module loadArchive(const std::string& bytes, const std::string& what) {
+    if (bytes.empty())
+        throw std::invalid_argument("the " + what + " model is empty (no bytes were given)");
+    std::istringstream stream(bytes);
+    try {
+        torch::jit::Module module = torch::jit::load(stream, torch::kCPU);
+        module.eval();
+        return module;
+    }
+    catch (const c10::Error& e) {
+        throw std::invalid_argument("could not load the " + what + " model as a TorchScript archive: " +
+                                    e.what_without_backtrace());
+    }
+}
+
+torch::IValue requireAttribute(const torch::jit::Module& module, const std::string& what, const std::string& name) {
+    if (!module.hasattr(name))
+        throw std::invalid_argument("the " + what + " model has no attribute '" + name +
+                                    "' required by the openmm-cgml TorchScript contract");
+    return module.attr(name);
+}
+
+int requireInt(const torch::jit::Module& module, const std::string& what, const std::string& name) {
+    torch::IValue value = requireAttribute(module, what, name);
+    if (!value.isInt())
+        throw std::invalid_argument("the " + what + " model's attribute '" + name + "' must be an int");
+    return (int) value.toInt();
+}
+
+double requireDouble(const torch::jit::Module& module, const std::string& what, const std::string& name) {
+    torch::IValue value = requireAttribute(module, what, name);
+    if (value.isDouble())
+        return value.toDouble();
+    if (value.isInt())
+        return (double) value.toInt();
+    throw std::invalid_argument("the " + what + " model's attribute '" + name + "' must be a float");
+}
+
+std::string shapeOf(const torch::Tensor& t) {
+    std::ostringstream s;
+    s << t.sizes() << " " << t.scalar_type();
+    return s.str();
+}
+
+void requireTensor(const torch::Tensor& t, const std::vector<int64_t>& shape, const std::string& what,
+                   long long stepNumber) {
+    // shape entries < 0 accept any size
+    bool ok = t.defined() && t.scalar_type() == torch::kFloat32 && t.dim() == (int64_t) shape.size();
+    for (size_t i = 0; ok && i < shape.size(); i++)
+        ok = shape[i] < 0 || t.size(i) == shape[i];
+    if (!ok) {
+        std::ostringstream expected;
+        expected << "[";
+        for (size_t i = 0; i < shape.size(); i++)
+            expected << (i ? ", " : "") << (shape[i] < 0 ? std::string("*") : std::to_string(shape[i]));
+        expected << "] float32";
+        throw OpenMMException("step " + std::to_string(stepNumber) + ": the " + what + " has shape/dtype " +
+                              (t.defined() ? shapeOf(t) : std::string("undefined")) + ", expected " + expected.str());
+    }
+}
+
+void writeTensor(std::ostream& stream, const torch::Tensor& t) {
+    torch::Tensor c = t.contiguous();
+    int64_t dims = c.dim();
+    stream.write((const char*) &dims, sizeof(dims));
+    for (int64_t i = 0; i < dims; i++) {
+        int64_t size = c.size(i);
+        stream.write((const char*) &size, sizeof(size));
+    }
+    stream.write((const char*) c.data_ptr(), c.nbytes());
+}
+
+torch::Tensor readTensor(std::istream& stream, torch::ScalarType type) {
+    int64_t dims;
+    stream.read((char*) &dims, sizeof(dims));
+    if (!stream || dims < 0 || dims > 8)
+        throw OpenMMException("CGMLIntegrator checkpoint is corrupt");
+    std::vector<int64_t> sizes(dims);
+    for (auto& size : sizes)
+        stream.read((char*) &size, sizeof(size));
+    torch::Tensor t = torch::empty(sizes, torch::TensorOptions().dtype(type));
+    stream.read((char*) t.data_ptr(), t.nbytes());
+    if (!stream)
+        throw OpenMMException("CGMLIntegrator checkpoint is truncated");
+    return t;
+}
+
+const char checkpointMagic[8] = {'C', 'G', 'M', 'L', 'C', 'K', 'P', '1'};
+
+} // namespace
+
+LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& scoreBytes)
+    : hasScore(!scoreBytes.empty()), defaultLangevinSteps(0), defaultLangevinStepSize(0.0),
+      generator(at::make_generator<at::CPUGeneratorImpl>(0)) {
+    dynamics = loadArchive(dynamicsBytes, "dynamics");
+    seqLen = requireInt(dynamics, "dynamics", "seq_len");
+    modelStepSize = requireDouble(dynamics, "dynamics", "step_size_ps");
+    if (seqLen < 1)
+        throw std::invalid_argument("the dynamics model's seq_len must be >= 1, got " + std::to_string(seqLen));
+    if (!(modelStepSize > 0))
+        throw std::invalid_argument("the dynamics model's step_size_ps must be > 0");
+    if (!dynamics.find_method("forward"))
+        throw std::invalid_argument("the dynamics model has no forward method");
+    if (hasScore) {
+        score = loadArchive(scoreBytes, "score");
+        torch::IValue ladder = requireAttribute(score, "score", "sigmas");
+        if (!ladder.isTensor())
+            throw std::invalid_argument("the score model's attribute 'sigmas' must be a tensor");
+        sigmas = ladder.toTensor().detach().to(torch::kFloat32).contiguous();
+        if (sigmas.dim() != 1 || sigmas.numel() == 0 || !(sigmas > 0).all().item<bool>())
+            throw std::invalid_argument("the score model's 'sigmas' must be a non-empty 1-D tensor of positive values");
+        defaultLangevinSteps = requireInt(score, "score", "langevin_steps");
+        defaultLangevinStepSize = requireDouble(score, "score", "langevin_step_size");
+        if (!score.find_method("forward"))
+            throw std::invalid_argument("the score model has no forward method");
+    }
+    else
+        sigmas = torch::empty({0}, torch::kFloat32);
+    features = torch::empty({0, 0}, torch::kFloat32);
+    bonds = torch::empty({0, 2}, torch::kInt64);
+}
+
+void LearnedStep::seed(uint64_t seed) {
+    generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+}
+
+void LearnedStep::setHistory(const torch::Tensor& frames) {
+    if (frames.dim() != 3 || frames.size(2) != 3)
+        throw std::invalid_argument("the history must have shape [frames, beads, 3]");
+    if (frames.size(0) < seqLen)
+        throw std::invalid_argument("the history has " + std::to_string(frames.size(0)) +
+                                    " frames but the dynamics model needs seq_len = " + std::to_string(seqLen));
+    if (!torch::isfinite(frames).all().item<bool>())
+        throw std::invalid_argument("the history contains NaN or infinite positions");
+    history = frames.slice(0, frames.size(0) - seqLen).to(torch::kFloat64).contiguous().clone();
+}
+
+bool LearnedStep::matchesHistory(const torch::Tensor& x, const torch::Tensor& v, double dt) const {
+    if (!history.defined() || history.size(1) != x.size(0))
+        return false;
+    // Tolerances well below any physical change, above float32 round-off of user input.
+    auto close = [](const torch::Tensor& a, const torch::Tensor& b) {
+        return ((a - b).abs() <= 1e-6 * (1 + b.abs())).all().item<bool>();
+    };
+    if (!close(x, history[seqLen - 1]))
+        return false;
+    return seqLen < 2 || close(v, historyVelocity(dt));
+}
+
+void LearnedStep::rebuildHistory(const torch::Tensor& x, const torch::Tensor& v, double dt) {
+    // lag[k] = seqLen-1-k steps back, oldest first
+    torch::Tensor lag = torch::arange(seqLen - 1, -1, -1, torch::kFloat64).view({seqLen, 1, 1});
+    history = (x.unsqueeze(0) - lag * dt * v.unsqueeze(0)).contiguous();
+}
+
+torch::Tensor LearnedStep::historyVelocity(double dt) const {
+    if (seqLen < 2)
+        return torch::zeros_like(history[0]);
+    return (history[seqLen - 1] - history[seqLen - 2]) / dt;
+}
+
+torch::Tensor LearnedStep::normal(int64_t numBeads) {
+    return torch::randn({numBeads, 3}, generator, torch::TensorOptions().dtype(torch::kFloat64));
+}
+
+torch::Tensor LearnedStep::runDynamics(const torch::Tensor& history32, const torch::Tensor& box, long long stepNumber,
+                                       torch::Tensor& stdOut, torch::Tensor& latentOut) {
+    const int64_t n = history32.size(1);
+    torch::IValue output;
+    try {
+        output = dynamics.forward({history32, box, features, bonds});
+    }
+    catch (const std::exception& e) {
+        const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
+        throw OpenMMException("step " + std::to_string(stepNumber) + ": the dynamics model failed: " +
+                              (ce ? ce->what_without_backtrace() : e.what()));
+    }
+    if (!output.isTuple() || output.toTupleRef().elements().size() != 3)
+        throw OpenMMException("step " + std::to_string(stepNumber) +
+                              ": the dynamics model must return a tuple (mean, std, latent)");
+    const auto& items = output.toTupleRef().elements();
+    for (int i = 0; i < 3; i++)
+        if (!items[i].isTensor())
+            throw OpenMMException("step " + std::to_string(stepNumber) +
+                                  ": the dynamics model must return three tensors (mean, std, latent)");
+    torch::Tensor mean = items[0].toTensor();
+    stdOut = items[1].toTensor();
+    latentOut = items[2].toTensor();
+    requireTensor(mean, {n, 3}, "dynamics model's mean", stepNumber);
+    requireTensor(stdOut, {n, 3}, "dynamics model's std", stepNumber);
+    requireTensor(latentOut, {n, -1}, "dynamics model's latent", stepNumber);
+    return mean;
+}
+
+torch::Tensor LearnedStep::runScore(const torch::Tensor& x, const torch::Tensor& latent, const torch::Tensor& box,
+                                    const torch::Tensor& sigma, long long stepNumber) {
+    torch::IValue output;
+    try {
+        output = score.forward({x.to(torch::kFloat32), latent, box, features, bonds, sigma});
+    }
+    catch (const std::exception& e) {
+        const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
+        throw OpenMMException("step " + std::to_string(stepNumber) + ": the score model failed: " +
+                              (ce ? ce->what_without_backtrace() : e.what()));
+    }
+    if (!output.isTensor())
+        throw OpenMMException("step " + std::to_string(stepNumber) + ": the score model must return a tensor");
+    torch::Tensor s = output.toTensor();
+    requireTensor(s, {x.size(0), 3}, "score model's output", stepNumber);
+    return s;
+}
+
+torch::Tensor LearnedStep::predict(const torch::Tensor& box, const Options& options, long long stepNumber) {
+    if (!history.defined())
+        throw OpenMMException("CGMLIntegrator: no history to step from");
+    torch::NoGradGuard noGrad;
+    const int64_t n = history.size(1);
+    torch::Tensor stdev, latent;
+    torch::Tensor mean = runDynamics(history.to(torch::kFloat32), box, stepNumber, stdev, latent);
+    torch::Tensor a = mean.to(torch::kFloat64);
+    if (!options.deterministic)
+        a = a + stdev.to(torch::kFloat64) * normal(n);
+    const torch::Tensor xt = history[seqLen - 1];
+    const torch::Tensor velocity = seqLen > 1 ? xt - history[seqLen - 2] : torch::zeros_like(xt);
+    torch::Tensor x = xt + velocity + a;  // Euler with dt = 1 (METHOD.md step 4)
+    if (!torch::isfinite(x).all().item<bool>())
+        throw OpenMMException("step " + std::to_string(stepNumber) +
+                              ": the dynamics model predicted a non-finite position; the context keeps its last good state");
+    if (hasScore && options.langevinSteps > 0) {
+        // annealed Langevin dynamics over the sigma ladder (METHOD.md step 5)
+        const double eps = options.langevinStepSize;
+        const double noiseScale = std::sqrt(2 * eps);
+        for (int64_t level = 0; level < sigmas.size(0); level++) {
+            torch::Tensor sigma = sigmas[level];
+            for (int k = 0; k < options.langevinSteps; k++) {
+                torch::Tensor s = runScore(x, latent, box, sigma, stepNumber).to(torch::kFloat64);
+                x = x + eps * s;
+                if (!options.deterministic)
+                    x = x + noiseScale * normal(n);
+            }
+        }
+        if (!torch::isfinite(x).all().item<bool>())
+            throw OpenMMException("step " + std::to_string(stepNumber) +
+                                  ": the score refinement produced a non-finite position; the context keeps its last good state");
+    }
+    return x;
+}
+
+void LearnedStep::push(const torch::Tensor& x) {
+    if (seqLen > 1)
+        history = torch::cat({history.slice(0, 1), x.unsqueeze(0)}, 0);
+    else
+        history = x.unsqueeze(0).clone();
+}
+
+void LearnedStep::writeState(std::ostream& stream) const {
+    stream.write(checkpointMagic, sizeof(checkpointMagic));
+    char hasHistory = history.defined() ? 1 : 0;
+    stream.write(&hasHistory, 1);
+    if (hasHistory)
+        writeTensor(stream, history);
+    writeTensor(stream, generator.get_state());
+}
+
+void LearnedStep::readState(std::istream& stream) {
+    char magic[sizeof(checkpointMagic)];
+    stream.read(magic, sizeof(magic));
+    if (!stream || std::string(magic, sizeof(magic)) != std::string(checkpointMagic, sizeof(checkpointMagic)))
+        throw OpenMMException("CGMLIntegrator checkpoint is corrupt or from another integrator");
+    char hasHistory = 0;
+    stream.read(&hasHistory, 1);
+    torch::Tensor restored = hasHistory ? readTensor(stream, torch::kFloat64) : torch::Tensor();
+    torch::Tensor rngState = readTensor(stream, torch::kUInt8);
+    history = restored;
+    generator.set_state(rngState);
+}

@@ -1,0 +1,213 @@
+"""``CGMLIntegrator``: the Python face of the C++ learned integrator.
+
+It is a real :class:`openmm.Integrator`: its SWIG ``this`` points at the C++ object
+that pybind11 owns, so an unmodified :class:`openmm.Context` or
+:class:`openmm.app.Simulation` drives it, and every ``openmm.Integrator`` method
+(``getStepSize``, ``step``, ...) works. The step itself runs in C++ (TorchScript),
+with the GIL released by openmm's own ``step`` wrapper.
+
+The TorchScript contract the models must follow is in ``docs/contract.md``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import openmm
+from openmm import unit
+
+from openmm_cgml import _cgml
+
+__all__ = ["CGMLIntegrator", "CGMLError"]
+
+#: Raised (as a RuntimeError subclass) by C++ errors outside openmm's own wrappers;
+#: errors inside ``step`` reach Python as ``openmm.OpenMMException``.
+CGMLError = _cgml.CGMLError
+
+
+def _read_model(path, what: str) -> bytes:
+    if isinstance(path, (bytes, bytearray)):
+        return bytes(path)
+    path = Path(os.fspath(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} model file not found: {path}")
+    return path.read_bytes()
+
+
+def _in_units(value, quantity_unit, what: str) -> float:
+    if unit.is_quantity(value):
+        if not value.unit.is_compatible(quantity_unit):
+            raise TypeError(f"{what} must be in units compatible with {quantity_unit}, got {value.unit}")
+        return value.value_in_unit(quantity_unit)
+    return float(value)
+
+
+def _length_array(value, what: str) -> np.ndarray:
+    if unit.is_quantity(value):
+        if not value.unit.is_compatible(unit.nanometer):
+            raise TypeError(f"{what} must be a length, got {value.unit}")
+        value = value.value_in_unit(unit.nanometer)
+    return np.asarray(value, dtype=np.float64)
+
+
+class CGMLIntegrator(openmm.Integrator):
+    """Advance a coarse-grained System by one learned step per ``step()`` (Fu et al., TMLR 2023).
+
+    Parameters
+    ----------
+    dynamicsModel : path or bytes
+        TorchScript archive of the dynamics model (``dynamics.pt``).
+    scoreModel : path or bytes, optional
+        TorchScript archive of the score model (``score.pt``); without it, no refinement.
+    stepSize : float (ps) or time Quantity, optional
+        Defaults to the dynamics model's ``step_size_ps``. A different value is refused
+        unless ``allowStepSizeOverride=True``: the model predicts steps of its own size.
+
+    Each step: ``mean, std, latent = dynamics(history, box, features, bonds)``;
+    ``a = mean + std z`` (``a = mean`` when deterministic); ``x = x_t + (x_t - x_{t-1}) + a``;
+    then, with a score model, for each sigma of its ladder, ``K`` times
+    ``x += eps * score(x, latent, ..., sigma) + sqrt(2 eps) z'``. The context's positions
+    become ``x``, its velocities ``(x - x_t) / dt``; time and step count advance.
+    """
+
+    def __init__(self, dynamicsModel, scoreModel=None, stepSize=None, *, allowStepSizeOverride=False):
+        dynamics = _read_model(dynamicsModel, "dynamics")
+        score = None if scoreModel is None else _read_model(scoreModel, "score")
+        step = 0.0 if stepSize is None else _in_units(stepSize, unit.picosecond, "stepSize")
+        if stepSize is not None and not step > 0:
+            raise ValueError(f"stepSize must be positive, got {stepSize}")
+        self._attach(_cgml.CGMLIntegratorImpl(dynamics, score, step, bool(allowStepSizeOverride)))
+
+    def _attach(self, impl) -> None:
+        # Do not call openmm.Integrator.__init__ (abstract in SWIG): point `this` at our object.
+        self._impl = impl
+        self.this = impl.swigPointer()
+
+    # SWIG must never delete the C++ object: pybind11 owns it through self._impl.
+    @property
+    def thisown(self):
+        return False
+
+    @thisown.setter
+    def thisown(self, value):
+        pass
+
+    # --- model information ------------------------------------------------------------
+    def getSequenceLength(self) -> int:
+        """Number of frames (one step apart) the dynamics model reads."""
+        return self._impl.getSequenceLength()
+
+    def getModelStepSize(self) -> unit.Quantity:
+        """The step size the dynamics model was trained for."""
+        return self._impl.getModelStepSize() * unit.picosecond
+
+    def hasScoreModel(self) -> bool:
+        return self._impl.hasScoreModel()
+
+    def getSigmas(self) -> unit.Quantity:
+        """The score model's noise ladder, largest first (empty without a score model)."""
+        return np.asarray(self._impl.getSigmas()) * unit.nanometer
+
+    # --- graph inputs ---------------------------------------------------------------------
+    def setBeadFeatures(self, features) -> None:
+        """Per-bead features ``[N, F]`` (embedding ++ mass, as the models were trained)."""
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2:
+            raise ValueError(f"bead features must be a 2-D array [beads, features], got shape {features.shape}")
+        self._impl.setBeadFeatures(features)
+
+    def getBeadFeatures(self) -> np.ndarray:
+        return self._impl.getBeadFeatures()
+
+    def setBonds(self, bonds) -> None:
+        """CG bonds ``[E, 2]`` (bead indices, each bond once)."""
+        bonds = np.asarray(bonds)
+        if bonds.size and not np.issubdtype(bonds.dtype, np.integer):
+            raise ValueError(f"bonds must be integer bead indices, got dtype {bonds.dtype}")
+        self._impl.setBonds(bonds.astype(np.int64).reshape(-1, 2) if bonds.size else np.zeros((0, 2), np.int64))
+
+    def getBonds(self) -> np.ndarray:
+        return self._impl.getBonds()
+
+    # --- history ----------------------------------------------------------------------------
+    def setHistory(self, frames) -> None:
+        """Set the frames the next step starts from: ``[T, N, 3]`` in nm (or a length
+        Quantity), oldest first, one model step apart; only the last ``seq_len`` are kept.
+        If bound to a context, its positions and velocities are set from them; otherwise
+        they replace the context's state at the first step."""
+        frames = _length_array(frames, "the history")
+        if frames.ndim != 3 or frames.shape[2] != 3:
+            raise ValueError(f"the history must have shape [frames, beads, 3], got {frames.shape}")
+        self._impl.setHistory(frames)
+
+    def getHistory(self) -> unit.Quantity | None:
+        """The last ``seq_len`` frames, ``[T, N, 3]`` nm, oldest first (None before the first step)."""
+        history = self._impl.getHistory()
+        return None if history is None else history * unit.nanometer
+
+    # --- sampling -----------------------------------------------------------------------------
+    def setRandomNumberSeed(self, seed: int) -> None:
+        """Seed of the random generator; 0 (default) picks a new seed for each Context."""
+        self._impl.setRandomNumberSeed(int(seed))
+
+    def getRandomNumberSeed(self) -> int:
+        return self._impl.getRandomNumberSeed()
+
+    def setDeterministic(self, deterministic: bool) -> None:
+        """Use the predicted mean acceleration and no Langevin noise."""
+        self._impl.setDeterministic(bool(deterministic))
+
+    def getDeterministic(self) -> bool:
+        return self._impl.getDeterministic()
+
+    def setLangevinSteps(self, steps: int) -> None:
+        """Annealed Langevin steps per noise level (K); 0 disables refinement."""
+        self._impl.setLangevinSteps(int(steps))
+
+    def getLangevinSteps(self) -> int:
+        return self._impl.getLangevinSteps()
+
+    def setLangevinStepSize(self, eps) -> None:
+        """Langevin step size eps, in nm^2 (accepts an area Quantity)."""
+        self._impl.setLangevinStepSize(_in_units(eps, unit.nanometer**2, "the Langevin step size"))
+
+    def getLangevinStepSize(self) -> float:
+        return self._impl.getLangevinStepSize()
+
+    def setUsesPeriodicBoundaryConditions(self, periodic: bool | None) -> None:
+        """Whether the models see the periodic box. None (default) follows
+        ``System.usesPeriodicBoundaryConditions()``; a CG System without forces reports
+        False, so periodic CG systems set True here (``LearnedSimulator`` does)."""
+        self._impl.setPeriodicMode(-1 if periodic is None else int(bool(periodic)))
+
+    def getUsesPeriodicBoundaryConditions(self) -> bool | None:
+        mode = self._impl.getPeriodicMode()
+        return None if mode == -1 else bool(mode)
+
+    # --- copying and pickling: the SWIG proxy's own versions would lose the C++ owner ---
+    def __copy__(self):
+        return self.__deepcopy__(None)
+
+    def __deepcopy__(self, memo):
+        clone = CGMLIntegrator.__new__(CGMLIntegrator)
+        clone._attach(_cgml.CGMLIntegratorImpl.deserialize(self._impl.serialize()))
+        return clone
+
+    def __getstate__(self):
+        return self._impl.serialize()
+
+    def __setstate__(self, state):
+        self._attach(_cgml.CGMLIntegratorImpl.deserialize(state))
+
+    @classmethod
+    def deserialize(cls, xml: str) -> "CGMLIntegrator":
+        """Rebuild from ``XmlSerializer.serialize(integrator)`` output, with the full Python API.
+        (``openmm.XmlSerializer.deserialize`` also works, giving a plain ``openmm.Integrator``.)"""
+        integrator = cls.__new__(cls)
+        integrator._attach(_cgml.CGMLIntegratorImpl.deserialize(xml))
+        return integrator
+
+    def __repr__(self):
+        return (f"<CGMLIntegrator stepSize={self.getStepSize()} seq_len={self.getSequenceLength()} "
+                f"score={'yes' if self.hasScoreModel() else 'no'}>")
