@@ -32,7 +32,7 @@ class CMakeBuild(build_ext):
         except ImportError as error:
             sys.exit(f"openmm-cgml builds against the installed openmm and torch: {error}. "
                      "Install torch==2.13.0 and openmm first, then build with --no-build-isolation.")
-        output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        module_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = ROOT / "build" / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         scripts = Path(sysconfig.get_path("scripts"))
@@ -46,7 +46,7 @@ class CMakeBuild(build_ext):
             f"-DOPENMM_DIR={openmm_dir}",
             f"-DTORCH_DIR={Path(torch.__file__).parent}",
             f"-DSWIG_EXECUTABLE={swig}",
-            f"-DCGML_OUTPUT_DIR={output_dir}",
+            f"-DCGML_OUTPUT_DIR={build_dir / 'lib'}",
             f"-DCGML_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             f"-DPython_EXECUTABLE={sys.executable}",
             "-DCMAKE_BUILD_TYPE=Release",
@@ -56,11 +56,18 @@ class CMakeBuild(build_ext):
         subprocess.check_call(config)
         jobs = str(os.cpu_count() or 2)
         subprocess.check_call([cmake, "--build", str(build_dir), "--parallel", jobs])
-        if getattr(self, "editable_mode", False) and output_dir != ROOT / "openmm_cgml":
-            # editable installs import the package from the source tree, where setuptools
-            # copies only the module: the plugin libraries must sit beside it ($ORIGIN)
-            for library in output_dir.glob("libOpenMMCGML*.so"):
-                shutil.copy2(library, ROOT / "openmm_cgml" / library.name)
+        # The module and the plugin libraries go where setuptools expects the module; an
+        # editable install imports the package from the source tree, where setuptools copies
+        # only the module, so the libraries go there too ($ORIGIN in their RUNPATH).
+        targets = {module_path.parent}
+        if getattr(self, "editable_mode", False) or self.inplace:
+            targets.add(ROOT / "openmm_cgml")
+        built = build_dir / "lib"
+        for target in targets:
+            target.mkdir(parents=True, exist_ok=True)
+            for library in built.glob("libOpenMMCGML*.so"):
+                shutil.copy2(library, target / library.name)
+        shutil.copy2(built / module_path.name, module_path)
 
 
 setup(

@@ -30,7 +30,7 @@ std::string readFile(const std::string& path, const std::string& what) {
 CGMLIntegrator::CGMLIntegrator(const std::string& dynamicsModel, const std::string& scoreModel, double stepSize,
                                bool allowStepSizeOverride)
     : dynamicsBytes(dynamicsModel), scoreBytes(scoreModel), allowStepSizeOverride(allowStepSizeOverride),
-      numFeatures(0), featureRows(0), randomSeed(0), deterministic(false), periodicMode(-1), periodic(false), pendingHistory(false) {
+      numFeatures(0), featureRows(0), randomSeed(0), deterministic(false), periodicMode(-1), periodic(false), needsSeeding(true), pendingHistory(false) {
     learnedStep.reset(new LearnedStep(dynamicsBytes, scoreBytes));
     langevinSteps = learnedStep->getDefaultLangevinSteps();
     langevinStepSize = learnedStep->getDefaultLangevinStepSize();
@@ -196,8 +196,11 @@ void CGMLIntegrator::initialize(ContextImpl& contextRef) {
     periodic = periodicMode == -1 ? system.usesPeriodicBoundaryConditions() : periodicMode == 1;
     kernel = context->getPlatform().createKernel(IntegrateCGMLStepKernel::Name(), contextRef);
     kernel.getAs<IntegrateCGMLStepKernel>().initialize(system, *this);
-    uint64_t seed = randomSeed != 0 ? (uint64_t) (unsigned int) randomSeed : (uint64_t) std::random_device()();
-    learnedStep->seed(seed);
+    if (needsSeeding) {
+        uint64_t seed = randomSeed != 0 ? (uint64_t) (unsigned int) randomSeed : (uint64_t) std::random_device()();
+        learnedStep->seed(seed);
+        needsSeeding = false;
+    }
 }
 
 void CGMLIntegrator::cleanup() {
@@ -227,6 +230,11 @@ void CGMLIntegrator::createCheckpoint(std::ostream& stream) const {
 }
 
 void CGMLIntegrator::loadCheckpoint(std::istream& stream) {
+    restoreState(stream);
+}
+
+void CGMLIntegrator::restoreState(std::istream& stream) {
     learnedStep->readState(stream);
     pendingHistory = false;
+    needsSeeding = false;
 }

@@ -72,7 +72,7 @@ void* CGMLIntegratorProxy::deserialize(const SerializationNode& node) const {
         std::copy(bondBytes.begin(), bondBytes.end(), (char*) bonds.data());
         integrator->setBonds(bonds);
         std::istringstream state(base64Decode(node.getChildNode("State").getStringProperty("base64")));
-        integrator->getLearnedStep().readState(state);
+        integrator->restoreState(state);
     }
     catch (...) {
         delete integrator;

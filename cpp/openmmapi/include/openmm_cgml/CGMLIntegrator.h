@@ -79,8 +79,13 @@ public:
     int getHistoryBeads() const;
 
     int getRandomNumberSeed() const { return randomSeed; }
-    /** Seed of the random generator; 0 (the default) picks a new seed each initialization. */
-    void setRandomNumberSeed(int seed) { randomSeed = seed; }
+    /**
+     * Seed of the random generator; 0 (the default) picks a unique seed. The generator is
+     * seeded when the integrator is next bound to a Context, and then keeps its stream
+     * (across reinitialize() and new Contexts) unless the seed is set again; a checkpoint
+     * or a deserialized integrator restores the stream exactly.
+     */
+    void setRandomNumberSeed(int seed) { randomSeed = seed; needsSeeding = true; }
     bool getDeterministic() const { return deterministic; }
     /** Deterministic mode: use the predicted mean and no Langevin noise. */
     void setDeterministic(bool value) { deterministic = value; }
@@ -94,6 +99,8 @@ public:
     void setPeriodicMode(int mode);
     int getPeriodicMode() const { return periodicMode; }
 
+    /** Restore history and random state written by LearnedStep::writeState (checkpoints, XML). */
+    void restoreState(std::istream& stream);
     /** Access for kernels. */
     LearnedStep& getLearnedStep();
     bool usesPeriodicBox() const;
@@ -131,6 +138,7 @@ private:
     double langevinStepSize;
     int periodicMode;
     bool periodic;
+    bool needsSeeding;    // seed the generator at the next initialize()
     bool pendingHistory;  // set by setHistory() while unbound: it wins over the context at the first step
     OpenMM::Kernel kernel;
 };

@@ -1,0 +1,521 @@
+"""CGMLIntegrator: the C++ learned integrator inside unmodified OpenMM objects."""
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+import time
+
+import numpy as np
+import openmm
+import pytest
+from openmm import app, unit
+
+from openmm_cgml import CGMLIntegrator
+from toy_models import BadShapeDynamics, GaussianScore, HarmonicDynamics, InputEcho, save
+
+PLATFORMS = ["Reference", "CPU"]
+
+
+def make_system(n: int, box_nm: float | None = None, mass: float = 2.0):
+    system = openmm.System()
+    topology = app.Topology()
+    residue = topology.addResidue("CG", topology.addChain())
+    for _ in range(n):
+        system.addParticle(mass)
+        topology.addAtom("B", None, residue)
+    if box_nm is not None:
+        vectors = [openmm.Vec3(box_nm, 0, 0), openmm.Vec3(0, box_nm, 0), openmm.Vec3(0, 0, box_nm)]
+        system.setDefaultPeriodicBoxVectors(*vectors)
+        topology.setPeriodicBoxVectors(vectors)
+    return topology, system
+
+
+def simulation(integrator, n=6, platform="Reference", positions=None, box_nm=None, seed=1):
+    topology, system = make_system(n, box_nm)
+    sim = app.Simulation(topology, system, integrator, openmm.Platform.getPlatformByName(platform))
+    rng = np.random.default_rng(seed)
+    sim.context.setPositions(rng.uniform(-1, 1, (n, 3)) if positions is None else positions)
+    return sim
+
+
+def state_arrays(context):
+    state = context.getState(getPositions=True, getVelocities=True)
+    return (state.getPositions(asNumpy=True).value_in_unit(unit.nanometer),
+            state.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond))
+
+
+def harmonic_recurrence(x0, v0, k, steps, seq_len, dt):
+    """METHOD.md step 4 in NumPy, with the model's float32 arithmetic for the mean."""
+    history = [x0 - (seq_len - 1 - i) * dt * v0 for i in range(seq_len)]
+    for _ in range(steps):
+        xt, xprev = history[-1], history[-2]
+        mean = (np.float32(-k) * xt.astype(np.float32)).astype(np.float64)
+        history.append(xt + (xt - xprev) + mean)
+    return np.array(history)
+
+
+@pytest.fixture
+def harmonic(tmp_path):
+    return save(HarmonicDynamics(k=0.1), tmp_path / "dynamics.pt")
+
+
+# --- the exact algorithm ---------------------------------------------------------------
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_deterministic_trajectory_equals_numpy_recurrence(harmonic, platform):
+    integrator = CGMLIntegrator(harmonic)
+    integrator.setDeterministic(True)
+    assert isinstance(integrator, openmm.Integrator)
+    sim = simulation(integrator, n=8, platform=platform)
+    x0, _ = state_arrays(sim.context)
+    v0 = np.random.default_rng(3).normal(0, 0.05, x0.shape)
+    sim.context.setVelocities(v0)
+    expected = harmonic_recurrence(x0, v0, 0.1, 1000, seq_len=3, dt=0.5)
+    for block in range(10):
+        sim.step(100)
+        x, v = state_arrays(sim.context)
+        t = 3 + 100 * (block + 1) - 1
+        np.testing.assert_allclose(x, expected[t], atol=1e-5)
+        np.testing.assert_allclose(v, (expected[t] - expected[t - 1]) / 0.5, atol=1e-5)
+    state = sim.context.getState()
+    assert state.getStepCount() == 1000
+    assert state.getTime().value_in_unit(unit.picosecond) == pytest.approx(500.0)
+    np.testing.assert_allclose(integrator.getHistory().value_in_unit(unit.nanometer), expected[-3:], atol=1e-5)
+
+
+def test_default_platform_and_step_size_from_model(harmonic):
+    integrator = CGMLIntegrator(harmonic)
+    assert integrator.getStepSize() == 0.5 * unit.picosecond
+    assert integrator.getModelStepSize() == 0.5 * unit.picosecond
+    assert integrator.getSequenceLength() == 3
+    topology, system = make_system(4)
+    sim = app.Simulation(topology, system, integrator)  # default platform
+    sim.context.setPositions(np.zeros((4, 3)))
+    sim.step(3)
+    assert sim.context.getState().getStepCount() == 3
+
+
+def test_sampled_accelerations_have_model_mean_and_std(tmp_path):
+    drift, std = (0.01, -0.02, 0.0), 0.05
+    path = save(HarmonicDynamics(k=0.0, std=std, seq_len=2, drift=drift), tmp_path / "d.pt")
+    integrator = CGMLIntegrator(path)
+    integrator.setRandomNumberSeed(11)
+    n, steps = 200, 60
+    sim = simulation(integrator, n=n)
+    frames = []
+    for _ in range(steps):
+        sim.step(1)
+        frames.append(state_arrays(sim.context)[0])
+    frames = np.array(frames)
+    accel = frames[2:] - 2 * frames[1:-1] + frames[:-2]  # [steps-2, n, 3]
+    samples = accel.reshape(-1, 3)
+    count = samples.shape[0]
+    # mean within 5 standard errors, std within 5 standard errors of a Gaussian's std
+    assert np.all(np.abs(samples.mean(0) - drift) < 5 * std / np.sqrt(count))
+    assert np.all(np.abs(samples.std(0) - std) < 5 * std / np.sqrt(2 * count))
+
+
+def test_deterministic_mode_ignores_std(tmp_path):
+    path = save(HarmonicDynamics(k=0.1, std=1.0), tmp_path / "d.pt")
+    integrator = CGMLIntegrator(path)
+    integrator.setDeterministic(True)
+    sim = simulation(integrator, n=5)
+    x0, v0 = state_arrays(sim.context)
+    sim.step(20)
+    np.testing.assert_allclose(state_arrays(sim.context)[0], harmonic_recurrence(x0, v0, 0.1, 20, 3, 0.5)[-1], atol=1e-5)
+
+
+def test_score_refinement_follows_annealed_langevin_deterministically(tmp_path):
+    tau, eps, steps, sigmas = 0.5, 1e-2, 4, (0.3, 0.1)
+    dyn = save(HarmonicDynamics(k=0.0), tmp_path / "d.pt")
+    score = save(GaussianScore(tau=tau, centre=0.0, sigmas=sigmas, langevin_steps=steps, langevin_step_size=eps),
+                 tmp_path / "s.pt")
+    integrator = CGMLIntegrator(dyn, score)
+    assert integrator.getLangevinSteps() == steps and integrator.getLangevinStepSize() == pytest.approx(eps)
+    np.testing.assert_allclose(integrator.getSigmas().value_in_unit(unit.nanometer), sigmas, rtol=1e-6)
+    integrator.setDeterministic(True)
+    sim = simulation(integrator, n=5)
+    x0, _ = state_arrays(sim.context)  # zero velocity: the dynamics step keeps x
+    sim.step(1)
+    # each Langevin step multiplies x - centre by (1 - eps / tau^2)
+    factor = (1 - eps / tau**2) ** (steps * len(sigmas))
+    np.testing.assert_allclose(state_arrays(sim.context)[0], x0 * factor, rtol=1e-5, atol=1e-7)
+
+
+def test_score_refinement_samples_langevin_stationary_distribution(tmp_path):
+    tau, eps = 0.1, 2e-3
+    dyn = save(HarmonicDynamics(k=0.0, seq_len=1), tmp_path / "d.pt")
+    score = save(GaussianScore(tau=tau, centre=0.3, sigmas=(1.0,) * 10, langevin_steps=30,
+                               langevin_step_size=eps), tmp_path / "s.pt")
+    integrator = CGMLIntegrator(dyn, score)
+    integrator.setRandomNumberSeed(5)
+    n = 400
+    sim = simulation(integrator, n=n)
+    sim.step(2)  # 600 Langevin steps: relaxation time tau^2/eps = 5 steps
+    x, _ = state_arrays(sim.context)
+    # discretised Ornstein-Uhlenbeck: x' = r x + sqrt(2 eps) z, r = 1 - eps/tau^2
+    r = 1 - eps / tau**2
+    variance = 2 * eps / (1 - r**2)
+    samples = (x - 0.3).ravel()
+    assert abs(samples.mean()) < 5 * np.sqrt(variance / samples.size)
+    assert abs(samples.var() / variance - 1) < 5 * np.sqrt(2 / samples.size)
+
+
+# --- inputs reach the models ---------------------------------------------------------
+def test_features_bonds_and_box_reach_the_model(tmp_path):
+    integrator = CGMLIntegrator(save(InputEcho(), tmp_path / "echo.pt"))
+    integrator.setDeterministic(True)
+    integrator.setUsesPeriodicBoundaryConditions(True)
+    n = 4
+    features = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
+    bonds = np.array([[0, 1], [1, 2]])
+    integrator.setBeadFeatures(features)
+    integrator.setBonds(bonds)
+    np.testing.assert_array_equal(integrator.getBeadFeatures(), features)
+    np.testing.assert_array_equal(integrator.getBonds(), bonds)
+    sim = simulation(integrator, n=n, box_nm=3.0, positions=np.zeros((n, 3)))
+    sim.step(1)
+    x, _ = state_arrays(sim.context)
+    expected = np.stack([features[:, 0], [1, 2, 1, 0], [3.0] * n], axis=1) * 1e-3
+    np.testing.assert_allclose(x, expected, rtol=1e-6)
+
+
+def test_non_periodic_box_is_zero(tmp_path):
+    integrator = CGMLIntegrator(save(InputEcho(), tmp_path / "echo.pt"))
+    sim = simulation(integrator, n=3, box_nm=3.0, positions=np.zeros((3, 3)))  # System has no periodic force
+    sim.step(1)
+    assert np.all(state_arrays(sim.context)[0][:, 2] == 0)
+
+
+# --- history -------------------------------------------------------------------------------
+def test_history_built_from_positions_and_velocities(harmonic):
+    integrator = CGMLIntegrator(harmonic)
+    integrator.setDeterministic(True)
+    sim = simulation(integrator, n=3)
+    x0, _ = state_arrays(sim.context)
+    v0 = np.full((3, 3), 0.2)
+    sim.context.setVelocities(v0)
+    assert integrator.getHistory() is None
+    sim.step(1)
+    history = integrator.getHistory().value_in_unit(unit.nanometer)
+    np.testing.assert_allclose(history[:2], [x0 - 0.5 * v0, x0], atol=1e-12)
+    # new positions from the user: the history is rebuilt from them
+    sim.context.setPositions(np.ones((3, 3)))
+    sim.context.setVelocities(np.zeros((3, 3)))
+    sim.step(1)
+    np.testing.assert_allclose(integrator.getHistory().value_in_unit(unit.nanometer)[:2], np.ones((2, 3, 3)))
+
+
+def test_set_history_before_and_after_context(harmonic):
+    frames = np.random.default_rng(0).normal(size=(5, 4, 3))
+    integrator = CGMLIntegrator(harmonic)
+    integrator.setDeterministic(True)
+    integrator.setHistory(frames * unit.angstrom)  # Quantity accepted; only the last 3 kept
+    np.testing.assert_allclose(integrator.getHistory().value_in_unit(unit.nanometer), frames[2:] / 10)
+    sim = simulation(integrator, n=4)  # positions set to something else before the first step
+    sim.step(1)
+    expected = harmonic_recurrence(frames[-1] / 10, (frames[-1] - frames[-2]) / 10 / 0.5, 0.1, 1, 3, 0.5)
+    np.testing.assert_allclose(state_arrays(sim.context)[0], expected[-1], atol=1e-6)
+    # set while bound: positions and velocities of the context follow at once
+    integrator.setHistory(frames)
+    x, v = state_arrays(sim.context)
+    np.testing.assert_allclose(x, frames[-1])
+    np.testing.assert_allclose(v, (frames[-1] - frames[-2]) / 0.5)
+
+
+# --- reproducibility, checkpoints, state, serialization ---------------------------------
+def stochastic_integrator(tmp_path, seed=42):
+    dyn = save(HarmonicDynamics(k=0.05, std=0.01), tmp_path / "dyn.pt")
+    score = save(GaussianScore(tau=1.0, sigmas=(0.2, 0.05), langevin_steps=2, langevin_step_size=1e-4),
+                 tmp_path / "score.pt")
+    integrator = CGMLIntegrator(dyn, score)
+    integrator.setRandomNumberSeed(seed)
+    return integrator
+
+
+def test_same_seed_same_trajectory(tmp_path):
+    runs = []
+    for seed in (42, 42, 43):
+        sim = simulation(stochastic_integrator(tmp_path, seed), n=10)
+        sim.step(15)
+        runs.append(state_arrays(sim.context)[0])
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.allclose(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_context_checkpoint_continues_bit_identically(tmp_path, platform):
+    sim = simulation(stochastic_integrator(tmp_path), n=10, platform=platform)
+    sim.step(5)
+    checkpoint = sim.context.createCheckpoint()
+    sim.step(7)
+    reference = state_arrays(sim.context)
+    sim.context.loadCheckpoint(checkpoint)
+    sim.step(7)
+    after = state_arrays(sim.context)
+    np.testing.assert_array_equal(after[0], reference[0])
+    np.testing.assert_array_equal(after[1], reference[1])
+    # and into a fresh Simulation with a fresh integrator of another seed
+    other = simulation(stochastic_integrator(tmp_path, seed=7), n=10, platform=platform)
+    other.context.loadCheckpoint(checkpoint)
+    other.step(7)
+    np.testing.assert_array_equal(state_arrays(other.context)[0], reference[0])
+
+
+def test_simulation_checkpoint_file(tmp_path):
+    sim = simulation(stochastic_integrator(tmp_path), n=6)
+    sim.step(3)
+    path = str(tmp_path / "run.chk")
+    sim.saveCheckpoint(path)
+    sim.step(4)
+    reference = state_arrays(sim.context)[0]
+    fresh = simulation(stochastic_integrator(tmp_path, seed=99), n=6, seed=5)
+    fresh.loadCheckpoint(path)
+    fresh.step(4)
+    np.testing.assert_array_equal(state_arrays(fresh.context)[0], reference)
+    assert fresh.context.getState().getStepCount() == 7
+
+
+def test_save_and_load_state(tmp_path):
+    # seq_len 2 in deterministic mode: the history rebuilt from (x, v) is the true one
+    integrator = CGMLIntegrator(save(HarmonicDynamics(k=0.1, seq_len=2), tmp_path / "d.pt"))
+    integrator.setDeterministic(True)
+    sim = simulation(integrator, n=5)
+    sim.step(4)
+    path = str(tmp_path / "state.xml")
+    sim.saveState(path)
+    sim.step(6)
+    reference = state_arrays(sim.context)[0]
+    sim.step(3)
+    sim.loadState(path)
+    assert sim.context.getState().getStepCount() == 4
+    sim.step(6)
+    np.testing.assert_allclose(state_arrays(sim.context)[0], reference, atol=1e-9)
+
+
+def test_reinitialize_keeps_history(harmonic):
+    integrator = CGMLIntegrator(harmonic)
+    integrator.setDeterministic(True)
+    sim = simulation(integrator, n=5)
+    x0, v0 = state_arrays(sim.context)
+    sim.step(10)
+    sim.context.reinitialize(preserveState=True)
+    sim.step(10)
+    # seq_len 3: a rebuilt history would differ; the kept one continues the recurrence
+    np.testing.assert_allclose(state_arrays(sim.context)[0], harmonic_recurrence(x0, v0, 0.1, 20, 3, 0.5)[-1], atol=1e-6)
+
+
+def test_xml_round_trip_is_self_contained_and_continues(tmp_path):
+    integrator = stochastic_integrator(tmp_path)
+    integrator.setBeadFeatures(np.ones((6, 2)))
+    integrator.setBonds([[0, 1]])
+    sim = simulation(integrator, n=6)
+    sim.step(4)
+    xml = openmm.XmlSerializer.serialize(integrator)
+    state = sim.context.getState(getPositions=True, getVelocities=True)
+    sim.step(5)
+    reference = state_arrays(sim.context)[0]
+    (tmp_path / "dyn.pt").unlink()  # the model bytes travel inside the XML
+    (tmp_path / "score.pt").unlink()
+    for restored in (openmm.XmlSerializer.deserialize(xml), CGMLIntegrator.deserialize(xml)):
+        topology, system = make_system(6)
+        context = openmm.Context(system, restored, openmm.Platform.getPlatformByName("Reference"))
+        context.setState(state)
+        restored.step(5)
+        np.testing.assert_array_equal(state_arrays(context)[0], reference)
+    full = CGMLIntegrator.deserialize(xml)
+    np.testing.assert_array_equal(full.getBonds(), [[0, 1]])
+    assert full.getRandomNumberSeed() == 42 and full.getStepSize() == integrator.getStepSize()
+
+
+def test_copy_and_pickle(tmp_path):
+    integrator = stochastic_integrator(tmp_path)
+    integrator.setLangevinSteps(3)
+    for clone in (copy.deepcopy(integrator), copy.copy(integrator), pickle.loads(pickle.dumps(integrator))):
+        assert isinstance(clone, CGMLIntegrator)
+        assert clone.getLangevinSteps() == 3 and clone.getRandomNumberSeed() == 42
+        sim = simulation(clone, n=3)
+        sim.step(2)
+
+
+def test_integrator_can_move_to_a_new_context_and_objects_are_freed(harmonic):
+    integrator = CGMLIntegrator(harmonic)
+    for _ in range(3):
+        sim = simulation(integrator, n=3)
+        sim.step(2)
+        del sim
+    for _ in range(20):  # create and drop many: the C++ object must be deleted exactly once
+        simulation(CGMLIntegrator(harmonic), n=3).step(1)
+
+
+# --- reporters ---------------------------------------------------------------------------------
+def test_reporters(tmp_path, harmonic):
+    import mdtraj
+
+    integrator = CGMLIntegrator(harmonic)
+    sim = simulation(integrator, n=5)
+    log = tmp_path / "log.csv"
+    sim.reporters.append(app.StateDataReporter(str(log), 2, step=True, time=True, speed=True,
+                                               kineticEnergy=True))
+    sim.reporters.append(app.DCDReporter(str(tmp_path / "traj.dcd"), 2))
+    sim.step(10)
+    lines = log.read_text().strip().splitlines()
+    assert len(lines) == 6 and "ns/day" in lines[0]
+    last = lines[-1].split(",")
+    assert int(last[0]) == 10 and float(last[1]) == pytest.approx(5.0)
+    assert float(last[3]) > 0  # learned-simulator speed in ns/day
+    pdb = tmp_path / "top.pdb"
+    with open(pdb, "w") as handle:
+        app.PDBFile.writeFile(sim.topology, np.zeros((5, 3)) * unit.nanometer, handle)
+    traj = mdtraj.load(str(tmp_path / "traj.dcd"), top=str(pdb))
+    assert traj.n_frames == 5
+    np.testing.assert_allclose(traj.xyz[-1], state_arrays(sim.context)[0], atol=1e-5)
+
+
+def test_kinetic_energy_uses_learned_velocities(harmonic):
+    sim = simulation(CGMLIntegrator(harmonic), n=4)
+    sim.step(3)
+    _, v = state_arrays(sim.context)
+    energy = sim.context.getState(getEnergy=True).getKineticEnergy().value_in_unit(unit.kilojoule_per_mole)
+    assert energy == pytest.approx(0.5 * 2.0 * np.sum(v**2), rel=1e-9)
+
+
+def test_gil_is_released_while_stepping(tmp_path):
+    class Slow(HarmonicDynamics):
+        pass
+
+    path = save(HarmonicDynamics(k=0.1), tmp_path / "d.pt")
+    sim = simulation(CGMLIntegrator(path), n=20000)
+    counter = {"n": 0, "stop": False}
+
+    def spin():
+        while not counter["stop"]:
+            counter["n"] += 1
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    time.sleep(0.05)
+    before = counter["n"]
+    start = time.perf_counter()
+    sim.step(30)
+    elapsed = time.perf_counter() - start
+    during = counter["n"] - before
+    counter["stop"] = True
+    thread.join()
+    assert elapsed > 0.02
+    assert during > 1000  # the Python thread kept running while C++ stepped
+
+
+# --- bad input --------------------------------------------------------------------------------
+def test_missing_and_corrupt_model_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dynamics model file not found"):
+        CGMLIntegrator(tmp_path / "nope.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"this is not a zip archive")
+    with pytest.raises(ValueError, match="could not load the dynamics model"):
+        CGMLIntegrator(corrupt)
+    dyn = save(HarmonicDynamics(), tmp_path / "d.pt")
+    with pytest.raises(ValueError, match="could not load the score model"):
+        CGMLIntegrator(dyn, corrupt)
+    with pytest.raises(FileNotFoundError, match="score model"):
+        CGMLIntegrator(dyn, tmp_path / "missing.pt")
+
+
+def test_model_without_contract_attributes(tmp_path):
+    class NoSeqLen(torch_module()):
+        def forward(self, x):
+            return x
+
+    path = tmp_path / "m.pt"
+    import torch
+
+    torch.jit.script(NoSeqLen()).save(str(path))
+    with pytest.raises(ValueError, match="no attribute 'seq_len'"):
+        CGMLIntegrator(path)
+    dyn = save(HarmonicDynamics(), tmp_path / "d.pt")
+    with pytest.raises(ValueError, match="score model has no attribute 'sigmas'"):
+        CGMLIntegrator(dyn, dyn)
+
+
+def torch_module():
+    import torch
+
+    return torch.nn.Module
+
+
+@pytest.mark.parametrize("mode,match", [("shape", r"mean has shape/dtype \[6, 2\]"),
+                                        ("dtype", "mean has shape/dtype .* Double")])
+def test_model_outputs_of_wrong_shape_or_dtype(tmp_path, mode, match):
+    sim = simulation(CGMLIntegrator(save(BadShapeDynamics(mode), tmp_path / "bad.pt")), n=6)
+    with pytest.raises(openmm.OpenMMException, match=f"step 1: the dynamics model's {match}"):
+        sim.step(1)
+
+
+def test_nan_raises_with_step_number_and_keeps_last_good_state(tmp_path):
+    integrator = CGMLIntegrator(save(BadShapeDynamics("nan-after-3"), tmp_path / "nan.pt"))
+    sim = simulation(integrator, n=3, positions=np.zeros((3, 3)))
+    with pytest.raises(openmm.OpenMMException, match="step 3: .*non-finite"):
+        sim.step(10)
+    x, v = state_arrays(sim.context)
+    # steps 1 and 2 happened (x = 1, then 3 with a = 1, v = 2): step 3 was refused
+    assert sim.context.getState().getStepCount() == 2
+    np.testing.assert_allclose(x, 3.0)
+    np.testing.assert_allclose(v, 2.0)
+    assert np.all(np.isfinite(integrator.getHistory().value_in_unit(unit.nanometer)))
+
+
+def test_inputs_inconsistent_with_the_system(harmonic):
+    integrator = CGMLIntegrator(harmonic)
+    integrator.setBeadFeatures(np.zeros((5, 2)))
+    topology, system = make_system(4)
+    with pytest.raises(openmm.OpenMMException, match="bead features have 5 rows but the System has 4"):
+        openmm.Context(system, integrator)
+    integrator = CGMLIntegrator(harmonic)
+    integrator.setBonds([[0, 7]])
+    with pytest.raises(openmm.OpenMMException, match="bond index 7 is out of range"):
+        openmm.Context(system, integrator)
+    integrator = CGMLIntegrator(harmonic)
+    integrator.setHistory(np.zeros((3, 9, 3)))
+    with pytest.raises(openmm.OpenMMException, match="history has 9 beads but the System has 4"):
+        openmm.Context(system, integrator)
+    sim = simulation(CGMLIntegrator(harmonic), n=4)
+    bound = sim.integrator
+    with pytest.raises(ValueError, match="3 rows but the System has 4"):
+        bound.setBeadFeatures(np.zeros((3, 1)))
+    with pytest.raises(ValueError, match=r"out of range \[0, 4\)"):
+        bound.setBonds([[1, 4]])
+    with pytest.raises(ValueError, match="joins bead 2 to itself"):
+        bound.setBonds([[2, 2]])
+    with pytest.raises(ValueError, match="history has 2 frames but the dynamics model needs seq_len = 3"):
+        bound.setHistory(np.zeros((2, 4, 3)))
+    with pytest.raises(ValueError, match="shape"):
+        bound.setHistory(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        bound.setHistory(np.full((3, 4, 3), np.nan))
+    with pytest.raises(ValueError, match="features"):
+        bound.setBeadFeatures(np.zeros(4))
+    with pytest.raises(ValueError, match="integer"):
+        bound.setBonds(np.array([[0.5, 1.0]]))
+
+
+def test_step_size_must_match_the_model_unless_overridden(harmonic):
+    with pytest.raises(ValueError, match="differs from the dynamics model's step_size_ps 0.5"):
+        CGMLIntegrator(harmonic, stepSize=1.0)
+    integrator = CGMLIntegrator(harmonic, stepSize=500 * unit.femtosecond)  # same step, other unit
+    assert integrator.getStepSize() == 0.5 * unit.picosecond
+    with pytest.raises(openmm.OpenMMException, match="differs"):
+        integrator.setStepSize(0.25)
+    overridden = CGMLIntegrator(harmonic, stepSize=0.25, allowStepSizeOverride=True)
+    assert overridden.getStepSize() == 0.25 * unit.picosecond
+    with pytest.raises(TypeError, match="compatible"):
+        CGMLIntegrator(harmonic, stepSize=1 * unit.nanometer)
+    integrator.setLangevinSteps(2)
+    with pytest.raises(ValueError):
+        integrator.setLangevinSteps(-1)
+    with pytest.raises(ValueError):
+        integrator.setLangevinStepSize(0.0)
+
+
+def test_step_before_context_is_an_error(harmonic):
+    with pytest.raises(openmm.OpenMMException, match="not bound to a context"):
+        CGMLIntegrator(harmonic).step(1)
