@@ -1,0 +1,748 @@
+"""Reference trajectories: generation (``cgml generate``), import of users' own data
+(``cgml import-trajectory``) and the common on-disk format.
+
+On-disk format (one directory per trajectory, all readable by mdtraj)::
+
+    DIR/dataset.json                 index: {"format", "trajectories": [{name, kind, split,
+                                     path, n_frames, complete}, ...]}
+    DIR/<name>/topology.pdb          topology with CONECT bonds (first frame, nm -> A)
+    DIR/<name>/trajectory.dcd        positions, *unwrapped* (no periodic jumps); unit cell
+                                     stored only for periodic systems
+    DIR/<name>/thermo.csv            per frame: time_ps, potential/kinetic energy (kJ/mol),
+                                     kinetic temperature (K)   [generated data only]
+    DIR/<name>/metadata.json         kind, name, split, seed, composition,
+                                     record_interval_ps, temperature_K, timestep_ps,
+                                     n_frames, periodic, box (nm, 3x3 or null), atom_types
+                                     (one per atom), bond_types (one per bond), bonds
+                                     (atom index pairs, aligned with bond_types),
+                                     masses_amu, openmm_version, complete
+    DIR/<name>/equilibrated_state.xml  OpenMM State at the start of production (kept)
+    DIR/<name>/production/           chunks, checkpoint, progress.json while running
+                                     (deleted when the trajectory is complete)
+
+``metadata.json`` is the source of truth for the fine graph (atom types, masses, bonds);
+the PDB carries the same bonds for other tools.
+
+Generation is resumable: production runs in chunks; after each chunk its frames are
+saved, then an OpenMM checkpoint, then ``production/progress.json`` (each written
+atomically), so a killed run restarts from its last complete chunk with no duplicated or
+missing frames. Complete trajectories are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import openmm
+from openmm import app, unit
+
+from openmm_cgml.systems.base import BuiltSystem, SystemSpec
+
+INDEX_FILE = "dataset.json"
+INDEX_FORMAT = "openmm-cgml-trajectories/1"
+METADATA_FILE = "metadata.json"
+TOPOLOGY_FILE = "topology.pdb"
+TRAJECTORY_FILE = "trajectory.dcd"
+THERMO_FILE = "thermo.csv"
+EQUILIBRATED_STATE_FILE = "equilibrated_state.xml"
+WORK_DIR = "production"
+
+
+# ----------------------------------------------------------------------------- records
+@dataclass
+class TrajectoryRecord:
+    """One stored trajectory in memory.
+
+    ``positions``: [F, n, 3] nm (float32 as stored in DCD), unwrapped.
+    ``box``: [F, 3, 3] nm periodic box vectors (rows a, b, c), or None if not periodic.
+    """
+
+    directory: Path | None
+    topology: app.Topology
+    positions: np.ndarray
+    box: np.ndarray | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.metadata["name"]
+
+    @property
+    def split(self) -> str:
+        return self.metadata.get("split", "train")
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.positions.shape[1])
+
+    @property
+    def record_interval_ps(self) -> float:
+        return float(self.metadata["record_interval_ps"])
+
+    @property
+    def masses(self) -> np.ndarray:
+        return np.asarray(self.metadata["masses_amu"], dtype=np.float64)
+
+    @property
+    def atom_types(self) -> list[str]:
+        return list(self.metadata["atom_types"])
+
+    @property
+    def bonds(self) -> np.ndarray:
+        return np.asarray(self.metadata["bonds"], dtype=np.int64).reshape(-1, 2)
+
+    @property
+    def bond_types(self) -> list[str]:
+        return list(self.metadata["bond_types"])
+
+    @property
+    def periodic(self) -> bool:
+        return self.box is not None
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _box_to_lengths_angles(box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[F,3,3] box vectors (nm) -> lengths (nm) [F,3] and angles (deg) [F,3]."""
+    a, b, c = box[:, 0], box[:, 1], box[:, 2]
+    la, lb, lc = (np.linalg.norm(v, axis=1) for v in (a, b, c))
+
+    def angle(u, v, lu, lv):
+        return np.degrees(np.arccos(np.clip(np.sum(u * v, axis=1) / (lu * lv), -1, 1)))
+
+    lengths = np.stack([la, lb, lc], axis=1)
+    angles = np.stack([angle(b, c, lb, lc), angle(a, c, la, lc), angle(a, b, la, lb)], axis=1)
+    return lengths, angles
+
+
+def _bond_index_pairs(topology: app.Topology) -> list[list[int]]:
+    return [[int(a.index), int(b.index)] for a, b in topology.bonds()]
+
+
+def write_topology_pdb(path: Path, topology: app.Topology, positions_nm: np.ndarray) -> None:
+    """PDB with CONECT records (OpenMM writes them for non-standard residues)."""
+    with open(path, "w") as handle:
+        app.PDBFile.writeFile(topology, np.asarray(positions_nm) * unit.nanometer, handle)
+
+
+class _DCDAppender:
+    """Writes frames (nm) to a DCD file through mdtraj (A inside the file)."""
+
+    def __init__(self, path: Path, periodic: bool):
+        import mdtraj
+
+        self._file = mdtraj.formats.DCDTrajectoryFile(str(path), "w", force_overwrite=True)
+        self._periodic = periodic
+
+    def write(self, positions_nm: np.ndarray, box_nm: np.ndarray | None) -> None:
+        xyz = np.asarray(positions_nm, dtype=np.float32) * 10.0
+        if self._periodic:
+            lengths, angles = _box_to_lengths_angles(np.asarray(box_nm, dtype=np.float64))
+            self._file.write(xyz, cell_lengths=lengths * 10.0, cell_angles=angles)
+        else:
+            self._file.write(xyz)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metadata(directory: str | os.PathLike, require_complete: bool = True) -> dict[str, Any]:
+    """``metadata.json`` of a trajectory directory (cheap: no coordinates are read)."""
+    directory = Path(directory)
+    metadata_path = directory / METADATA_FILE
+    if not metadata_path.exists():
+        raise FileNotFoundError(f"{directory} is not a trajectory directory (no {METADATA_FILE})")
+    metadata = json.loads(metadata_path.read_text())
+    if require_complete and not metadata.get("complete", False):
+        raise ValueError(f"trajectory {directory} is incomplete (generation did not finish)")
+    return metadata
+
+
+def load_trajectory(directory: str | os.PathLike) -> TrajectoryRecord:
+    """Read one stored trajectory (see the module docstring for the layout)."""
+    import mdtraj
+
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    trajectory = mdtraj.load_dcd(str(directory / TRAJECTORY_FILE), top=str(directory / TOPOLOGY_FILE))
+    if trajectory.n_atoms != len(metadata["atom_types"]):
+        raise ValueError(
+            f"{directory}: trajectory has {trajectory.n_atoms} atoms but metadata lists "
+            f"{len(metadata['atom_types'])} atom types"
+        )
+    box = None
+    if metadata.get("periodic"):
+        box = np.asarray(trajectory.unitcell_vectors, dtype=np.float64)
+    topology = trajectory.topology.to_openmm()
+    return TrajectoryRecord(directory, topology, np.asarray(trajectory.xyz), box, metadata)
+
+
+# ----------------------------------------------------------------------------- index
+def read_index(out_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(out_dir) / INDEX_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"format": INDEX_FORMAT, "trajectories": []}
+
+
+def _update_index(out_dir: Path, metadata: dict[str, Any]) -> None:
+    index = read_index(out_dir)
+    entry = {
+        "name": metadata["name"],
+        "kind": metadata["kind"],
+        "split": metadata["split"],
+        "path": metadata["name"],
+        "n_frames": metadata["n_frames"],
+        "complete": bool(metadata.get("complete", False)),
+    }
+    entries = [e for e in index["trajectories"] if e["name"] != entry["name"]]
+    entries.append(entry)
+    index["trajectories"] = sorted(entries, key=lambda e: e["name"])
+    _write_json_atomic(out_dir / INDEX_FILE, index)
+
+
+def list_trajectories(data_dir: str | os.PathLike, split: str | None = None,
+                      kind: str | None = None) -> list[Path]:
+    """Directories of the complete trajectories listed in ``data_dir/dataset.json``."""
+    data_dir = Path(data_dir)
+    if not (data_dir / INDEX_FILE).exists():
+        raise FileNotFoundError(f"no {INDEX_FILE} in {data_dir}: not a generated data set")
+    return [
+        data_dir / e["path"]
+        for e in read_index(data_dir)["trajectories"]
+        if e.get("complete") and (split is None or e["split"] == split)
+        and (kind is None or e["kind"] == kind)
+    ]
+
+
+# ----------------------------------------------------------------------------- platform
+def make_platform(name: str = "CPU", threads: int | None = None
+                  ) -> tuple[openmm.Platform, dict[str, str]]:
+    """OpenMM platform and properties; ``threads`` sets CpuThreads on the CPU platform."""
+    try:
+        platform = openmm.Platform.getPlatformByName(name)
+    except Exception:  # OpenMMException
+        available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+        raise ValueError(f"OpenMM platform {name!r} is not available; have {available}") from None
+    properties: dict[str, str] = {}
+    if name == "CPU" and threads is not None:
+        properties["Threads"] = str(int(threads))
+    return platform, properties
+
+
+def _degrees_of_freedom(system: openmm.System) -> int:
+    dof = 3 * sum(system.getParticleMass(i).value_in_unit(unit.dalton) > 0
+                  for i in range(system.getNumParticles()))
+    dof -= system.getNumConstraints()
+    if any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()):
+        dof -= 3
+    return int(dof)
+
+
+def _steps_per_interval(interval: unit.Quantity, timestep: unit.Quantity, what: str) -> int:
+    ratio = (interval / timestep)
+    ratio = float(ratio.value_in_unit(unit.dimensionless)) if unit.is_quantity(ratio) else float(ratio)
+    steps = int(round(ratio))
+    if steps < 1 or abs(ratio - steps) > 1e-6 * max(1.0, ratio):
+        raise ValueError(f"{what} ({interval}) is not a whole number of time steps ({timestep})")
+    return steps
+
+
+def _spec_n_frames(spec: SystemSpec) -> int:
+    n_frames = spec.n_frames if spec.n_frames is not None else spec.composition.get("n_frames")
+    if n_frames is None:
+        raise ValueError(f"spec {spec.name!r} does not say how many frames to record "
+                         "(set SystemSpec.n_frames or pass n_frames)")
+    if int(n_frames) < 1:
+        raise ValueError(f"n_frames must be >= 1, got {n_frames} for {spec.name!r}")
+    return int(n_frames)
+
+
+def _base_metadata(built: BuiltSystem, n_frames: int) -> dict[str, Any]:
+    spec = built.spec
+    box = None
+    if built.periodic:
+        vectors = built.system.getDefaultPeriodicBoxVectors()
+        box = [[float(x) for x in v.value_in_unit(unit.nanometer)] for v in vectors]
+    return {
+        "kind": spec.kind,
+        "name": spec.name,
+        "split": spec.split,
+        "seed": int(spec.seed),
+        "composition": spec.composition,
+        "record_interval_ps": float(built.record_interval.value_in_unit(unit.picosecond)),
+        "temperature_K": float(built.temperature.value_in_unit(unit.kelvin)),
+        "timestep_ps": float(built.timestep.value_in_unit(unit.picosecond)),
+        "n_frames": int(n_frames),
+        "periodic": bool(built.periodic),
+        "box": box,
+        "n_atoms": built.topology.getNumAtoms(),
+        "atom_types": list(built.atom_types),
+        "bond_types": list(built.bond_types),
+        "bonds": _bond_index_pairs(built.topology),
+        "masses_amu": [float(built.system.getParticleMass(i).value_in_unit(unit.dalton))
+                       for i in range(built.system.getNumParticles())],
+        "openmm_version": openmm.__version__,
+        "source": "openmm_cgml.generate",
+        "complete": False,
+    }
+
+
+# ----------------------------------------------------------------------------- generation
+def generate_trajectory(
+    built: BuiltSystem,
+    out_dir: str | os.PathLike,
+    n_frames: int | None = None,
+    chunk_frames: int = 50,
+    platform: str = "CPU",
+    threads: int | None = None,
+    progress: bool = True,
+    after_chunk: Callable[[int], None] | None = None,
+) -> Path:
+    """Minimise, equilibrate and record one system into ``out_dir/<name>/``; resumable.
+
+    ``after_chunk(chunks_done)`` is called after each saved chunk (tests use it to
+    simulate a kill). Returns the trajectory directory.
+    """
+    from tqdm.auto import tqdm
+
+    spec = built.spec
+    n_frames = int(n_frames) if n_frames is not None else _spec_n_frames(spec)
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    if len(built.atom_types) != built.topology.getNumAtoms():
+        raise ValueError(f"{spec.name}: {len(built.atom_types)} atom types for "
+                         f"{built.topology.getNumAtoms()} atoms")
+    if len(built.bond_types) != built.topology.getNumBonds():
+        raise ValueError(f"{spec.name}: {len(built.bond_types)} bond types for "
+                         f"{built.topology.getNumBonds()} bonds")
+    out_dir = Path(out_dir)
+    directory = out_dir / spec.name
+    directory.mkdir(parents=True, exist_ok=True)
+    work = directory / WORK_DIR
+    metadata_path = directory / METADATA_FILE
+
+    existing: dict[str, Any] = {}
+    if metadata_path.exists():
+        existing = json.loads(metadata_path.read_text())
+        if existing.get("complete"):
+            if existing["n_frames"] != n_frames:
+                raise ValueError(
+                    f"{directory} already holds a complete trajectory of {existing['n_frames']} "
+                    f"frames, not the {n_frames} requested; delete it or use another --out"
+                )
+            _update_index(out_dir, existing)
+            return directory
+
+    record_steps = _steps_per_interval(built.record_interval, built.timestep, "record interval")
+    metadata = _base_metadata(built, n_frames)
+    metadata["record_interval_steps"] = record_steps
+    metadata["platform"] = platform
+    if "equilibration_summary" in existing:  # resumed run: equilibration is not repeated
+        metadata["equilibration_summary"] = existing["equilibration_summary"]
+    _write_json_atomic(metadata_path, metadata)
+    _update_index(out_dir, metadata)
+    platform_object, properties = make_platform(platform, threads)
+
+    def new_simulation() -> app.Simulation:
+        return app.Simulation(built.topology, built.system, built.make_integrator(),
+                              platform_object, properties)
+
+    # --- minimise + equilibrate (once; its result is the production start) -------------
+    state_path = directory / EQUILIBRATED_STATE_FILE
+    if not state_path.exists():
+        simulation = new_simulation()
+        simulation.context.setPositions(built.positions)
+        if built.periodic:
+            simulation.context.setPeriodicBoxVectors(*built.system.getDefaultPeriodicBoxVectors())
+        simulation.minimizeEnergy()
+        simulation.context.setVelocitiesToTemperature(built.temperature, int(spec.seed) % (2**31 - 2) + 1)
+        with tqdm(desc=f"{spec.name} equilibrate", unit="step", disable=not progress, leave=False,
+                  total=getattr(built.equilibrate, "total_steps", None)) as bar:
+            built.equilibrate(simulation, bar)
+        summary = getattr(built.equilibrate, "summary", None)
+        if summary:
+            metadata["equilibration_summary"] = json.loads(json.dumps(summary, default=float))
+            _write_json_atomic(metadata_path, metadata)
+        state = simulation.context.getState(getPositions=True, getVelocities=True,
+                                            enforcePeriodicBox=False)
+        _write_bytes_atomic(state_path, openmm.XmlSerializer.serialize(state).encode())
+        del simulation
+        if work.exists():
+            shutil.rmtree(work)  # production of an older equilibration is stale
+
+    # --- production in chunks -------------------------------------------------------
+    work.mkdir(exist_ok=True)
+    progress_path = work / "progress.json"
+    simulation = new_simulation()
+    if progress_path.exists():
+        saved = json.loads(progress_path.read_text())
+        frames_done = int(saved["frames_done"])
+        chunk_files = list(saved["chunk_files"])
+        with open(work / saved["checkpoint"], "rb") as handle:
+            simulation.context.loadCheckpoint(handle.read())
+    else:
+        state = openmm.XmlSerializer.deserialize(state_path.read_text())
+        simulation.context.setState(state)
+        simulation.context.setTime(0.0)
+        simulation.context.setStepCount(0)
+        frames_done, chunk_files = 0, []
+    if frames_done > n_frames:
+        raise ValueError(f"{directory}: {frames_done} frames already recorded, more than the "
+                         f"{n_frames} requested; delete the directory to restart")
+
+    context = simulation.context
+    integrator = simulation.integrator
+    dof = _degrees_of_freedom(built.system)
+    gas_constant = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
+    n_chunks = -(-n_frames // chunk_frames)
+    start = time.perf_counter()
+    with tqdm(total=n_frames, initial=frames_done, desc=f"{spec.name} production",
+              unit="frame", disable=not progress, leave=False) as bar:
+        while frames_done < n_frames:
+            count = min(chunk_frames, n_frames - frames_done)
+            positions = np.empty((count, built.topology.getNumAtoms(), 3), dtype=np.float32)
+            boxes = np.zeros((count, 3, 3), dtype=np.float64)
+            thermo = np.empty((count, 4), dtype=np.float64)
+            for k in range(count):
+                integrator.step(record_steps)
+                state = context.getState(getPositions=True, getEnergy=True, enforcePeriodicBox=False)
+                positions[k] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+                if built.periodic:
+                    boxes[k] = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer)
+                kinetic = state.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole)
+                thermo[k] = (state.getTime().value_in_unit(unit.picosecond),
+                             state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole),
+                             kinetic, 2 * kinetic / (dof * gas_constant))
+                bar.update(1)
+            chunk_index = len(chunk_files)
+            chunk_name = f"chunk_{chunk_index:05d}.npz"
+            tmp = work / (chunk_name + ".tmp.npz")
+            np.savez(tmp, positions=positions, boxes=boxes, thermo=thermo)
+            os.replace(tmp, work / chunk_name)
+            checkpoint_name = f"checkpoint_{chunk_index:05d}.chk"
+            _write_bytes_atomic(work / checkpoint_name, context.createCheckpoint())
+            previous = json.loads(progress_path.read_text())["checkpoint"] if progress_path.exists() else None
+            frames_done += count
+            chunk_files.append(chunk_name)
+            _write_json_atomic(progress_path, {"frames_done": frames_done, "chunk_files": chunk_files,
+                                               "checkpoint": checkpoint_name})
+            if previous and previous != checkpoint_name:
+                (work / previous).unlink(missing_ok=True)
+            if after_chunk is not None:
+                after_chunk(len(chunk_files))
+    elapsed = time.perf_counter() - start
+
+    # --- assemble the final files ------------------------------------------------------
+    writer = _DCDAppender(directory / TRAJECTORY_FILE, built.periodic)
+    thermo_all, first_positions, first_box = [], None, None
+    for chunk_name in chunk_files:
+        with np.load(work / chunk_name) as data:
+            writer.write(data["positions"], data["boxes"] if built.periodic else None)
+            thermo_all.append(data["thermo"])
+            if first_positions is None:
+                first_positions, first_box = data["positions"][0], data["boxes"][0]
+    writer.close()
+    topology = built.topology
+    if built.periodic:
+        # the production box (after any NPT equilibration), not the initial one
+        metadata["box"] = first_box.tolist()
+        topology = app.Topology()
+        topology.__dict__.update(built.topology.__dict__)  # shallow copy keeps bonds
+        topology.setPeriodicBoxVectors([openmm.Vec3(*row) for row in first_box] * unit.nanometer)
+    write_topology_pdb(directory / TOPOLOGY_FILE, topology, first_positions)
+    np.savetxt(directory / THERMO_FILE, np.concatenate(thermo_all)[:n_frames], delimiter=",",
+               header="time_ps,potential_energy_kJ_mol,kinetic_energy_kJ_mol,kinetic_temperature_K",
+               comments="")
+    metadata["production_wall_seconds_last_run"] = elapsed
+    metadata["complete"] = True
+    _write_json_atomic(metadata_path, metadata)
+    shutil.rmtree(work)
+    _update_index(out_dir, metadata)
+    return directory
+
+
+def generate_dataset(
+    kind: str,
+    preset: str,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+    n_frames: int | None = None,
+    names: Iterable[str] | None = None,
+    chunk_frames: int = 50,
+    platform: str = "CPU",
+    threads: int | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Generate every spec of ``kind``/``preset`` (or only ``names``) into ``out_dir``."""
+    from tqdm.auto import tqdm
+
+    from openmm_cgml.systems import get_system_module
+
+    module = get_system_module(kind)
+    specs: list[SystemSpec] = module.make_specs(preset, seed, **(overrides or {}))
+    if names is not None:
+        wanted = set(names)
+        unknown = wanted - {s.name for s in specs}
+        if unknown:
+            raise ValueError(f"no spec named {sorted(unknown)} in {kind}/{preset}")
+        specs = [s for s in specs if s.name in wanted]
+    if n_frames is not None:
+        specs = [replace(s, n_frames=int(n_frames)) for s in specs]
+    directories = []
+    for spec in tqdm(specs, desc=f"{kind} systems", unit="system", disable=not progress):
+        built = module.build(spec)
+        directories.append(generate_trajectory(
+            built, out_dir, n_frames=_spec_n_frames(spec), chunk_frames=chunk_frames,
+            platform=platform, threads=threads, progress=progress))
+    return directories
+
+
+# ----------------------------------------------------------------------------- users' data
+def _minimum_image(delta: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Minimum-image displacement(s) for box rows a, b, c (triclinic via fractions)."""
+    fractional = delta @ np.linalg.inv(box)
+    fractional -= np.round(fractional)
+    return fractional @ box
+
+
+def unwrap_positions(positions: np.ndarray, box: np.ndarray, bonds: np.ndarray) -> np.ndarray:
+    """Undo periodic wrapping: make molecules whole in frame 0 along bonds, then follow
+    every atom in time by minimum-image steps (valid when atoms move less than half a
+    box between frames). positions [F,n,3], box [F,3,3] (nm)."""
+    positions = np.array(positions, dtype=np.float64)
+    n_atoms = positions.shape[1]
+    neighbours: list[list[int]] = [[] for _ in range(n_atoms)]
+    for a, b in np.asarray(bonds, dtype=np.int64).reshape(-1, 2):
+        neighbours[a].append(int(b))
+        neighbours[b].append(int(a))
+    first = positions[0].copy()
+    visited = np.zeros(n_atoms, dtype=bool)
+    for root in range(n_atoms):
+        if visited[root]:
+            continue
+        visited[root] = True
+        stack = [root]
+        while stack:
+            atom = stack.pop()
+            for other in neighbours[atom]:
+                if not visited[other]:
+                    first[other] = first[atom] + _minimum_image(first[other] - first[atom], box[0])
+                    visited[other] = True
+                    stack.append(other)
+    steps = np.diff(positions, axis=0)
+    for t in range(steps.shape[0]):
+        steps[t] = _minimum_image(steps[t], box[t + 1])
+    unwrapped = np.empty_like(positions)
+    unwrapped[0] = first
+    unwrapped[1:] = first + np.cumsum(steps, axis=0)
+    return unwrapped
+
+
+def import_trajectory(
+    trajectory: str | os.PathLike,
+    topology: str | os.PathLike,
+    record_interval: float | unit.Quantity,
+    out_dir: str | os.PathLike,
+    name: str | None = None,
+    split: str = "train",
+    atom_types: list[str] | None = None,
+    masses: list[float] | np.ndarray | None = None,
+    bond_types: list[str] | None = None,
+    unwrap: bool | None = None,
+    temperature: float | unit.Quantity | None = None,
+    kind: str = "user",
+) -> TrajectoryRecord:
+    """Bring any mdtraj-readable trajectory + topology with bonds into the data set format.
+
+    ``record_interval``: time between frames (ps, or a Quantity). Atom types default to
+    the element symbol (atom name when there is no element); masses to element masses;
+    bond types to "bond" (mdtraj guesses elements from atom names when a PDB has no
+    element column, e.g. "S1" -> sulfur: pass ``atom_types``/``masses`` for such
+    coarse or custom particles). ``unwrap`` (default: when the trajectory has a unit cell) makes
+    molecules whole and removes periodic jumps, e.g. for DCDReporter output written
+    with periodic wrapping. Writes ``out_dir/<name>/`` and returns the record.
+    """
+    import mdtraj
+
+    if unit.is_quantity(record_interval):
+        record_interval = record_interval.value_in_unit(unit.picosecond)
+    record_interval = float(record_interval)
+    if record_interval <= 0:
+        raise ValueError(f"record_interval must be positive, got {record_interval} ps")
+    if unit.is_quantity(temperature):
+        temperature = temperature.value_in_unit(unit.kelvin)
+    traj = mdtraj.load(str(trajectory), top=str(topology))
+    top = traj.topology
+    if top.n_bonds == 0 and top.n_atoms > 1:
+        raise ValueError(f"topology {topology} has no bonds; give one with bonds (e.g. a PDB "
+                         "with CONECT records written by OpenMM)")
+    bonds = np.asarray([[b[0].index, b[1].index] for b in top.bonds], dtype=np.int64).reshape(-1, 2)
+    if atom_types is None:
+        atom_types = [a.element.symbol if a.element is not None and a.element.symbol
+                      not in ("", "VS") else a.name for a in top.atoms]
+    if masses is None:
+        masses = []
+        for a in top.atoms:
+            mass = a.element.mass if a.element is not None else 0.0
+            if not mass or mass <= 0:
+                raise ValueError(f"atom {a} has no element mass; pass masses= explicitly")
+            masses.append(float(mass))
+    if bond_types is None:
+        bond_types = ["bond"] * len(bonds)
+    for label, values, expected in (("atom_types", atom_types, top.n_atoms),
+                                    ("masses", masses, top.n_atoms),
+                                    ("bond_types", bond_types, len(bonds))):
+        if len(values) != expected:
+            raise ValueError(f"{label} has {len(values)} entries, expected {expected}")
+    periodic = traj.unitcell_vectors is not None
+    box = np.asarray(traj.unitcell_vectors, dtype=np.float64) if periodic else None
+    positions = np.asarray(traj.xyz, dtype=np.float64)
+    if unwrap is None:
+        unwrap = periodic
+    if unwrap:
+        if not periodic:
+            raise ValueError("unwrap=True needs a trajectory with unit-cell information")
+        positions = unwrap_positions(positions, box, bonds)
+
+    name = name or Path(trajectory).stem
+    out_dir = Path(out_dir)
+    directory = out_dir / name
+    directory.mkdir(parents=True, exist_ok=True)
+    omm_topology = top.to_openmm()
+    if periodic:
+        omm_topology.setPeriodicBoxVectors(box[0] * unit.nanometer)
+    writer = _DCDAppender(directory / TRAJECTORY_FILE, periodic)
+    writer.write(positions, box)
+    writer.close()
+    write_topology_pdb(directory / TOPOLOGY_FILE, omm_topology, positions[0])
+    metadata = {
+        "kind": kind,
+        "name": name,
+        "split": split,
+        "seed": None,
+        "composition": {"source_trajectory": str(trajectory), "source_topology": str(topology)},
+        "record_interval_ps": record_interval,
+        "temperature_K": temperature,
+        "timestep_ps": None,
+        "n_frames": int(traj.n_frames),
+        "periodic": periodic,
+        "box": box[0].tolist() if periodic else None,
+        "n_atoms": int(top.n_atoms),
+        "atom_types": list(map(str, atom_types)),
+        "bond_types": list(map(str, bond_types)),
+        "bonds": bonds.tolist(),
+        "masses_amu": [float(m) for m in masses],
+        "openmm_version": openmm.__version__,
+        "source": "openmm_cgml.generate.import_trajectory",
+        "unwrapped_on_import": bool(unwrap),
+        "complete": True,
+    }
+    _write_json_atomic(directory / METADATA_FILE, metadata)
+    _update_index(out_dir, metadata)
+    return load_trajectory(directory)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _parse_set(values: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for item in values or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    overrides = _parse_set(args.set)
+    for key in ("n_train", "n_test", "n_monomers"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    start = time.perf_counter()
+    directories = generate_dataset(
+        args.system, args.preset, args.out, seed=args.seed, overrides=overrides,
+        n_frames=args.n_frames, names=args.only, chunk_frames=args.chunk_frames,
+        platform=args.platform, threads=args.threads, progress=not args.no_progress)
+    print(f"{len(directories)} trajectories in {args.out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    record = import_trajectory(args.trajectory, args.topology, args.record_interval_ps, args.out,
+                               name=args.name, split=args.split,
+                               unwrap=None if args.unwrap == "auto" else args.unwrap == "yes",
+                               temperature=args.temperature)
+    print(f"imported {record.n_frames} frames of {record.n_atoms} atoms into {record.directory}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    from openmm_cgml.systems import available_systems
+    from openmm_cgml.systems.base import PRESETS
+
+    parser = subparsers.add_parser(
+        "generate", help="generate reference MD trajectories for a system",
+        description="Build, minimise, equilibrate and record every system of a preset. "
+                    "Resumable: rerun the same command to continue.")
+    parser.add_argument("system", choices=available_systems())
+    parser.add_argument("--preset", choices=PRESETS, default="tiny")
+    parser.add_argument("--out", required=True, help="output data directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, help="number of training systems (chain; see --set for others)")
+    parser.add_argument("--n-test", type=int, help="number of test systems (chain)")
+    parser.add_argument("--n-frames", type=int, help="production frames per trajectory")
+    parser.add_argument("--n-monomers", type=int, help="chain length (chain system)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="any other make_specs override (value parsed as JSON)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="generate only these specs")
+    parser.add_argument("--chunk-frames", type=int, default=50,
+                        help="frames between checkpoints (default 50)")
+    parser.add_argument("--platform", default="CPU")
+    parser.add_argument("--threads", type=int, help="CPU platform threads")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=_run_generate)
+
+    parser = subparsers.add_parser(
+        "import-trajectory", help="bring your own trajectory into the data set format")
+    parser.add_argument("trajectory", help="any mdtraj-readable trajectory (DCD, XTC, ...)")
+    parser.add_argument("--topology", required=True, help="topology with bonds (e.g. PDB)")
+    parser.add_argument("--record-interval-ps", type=float, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--name")
+    parser.add_argument("--split", default="train", choices=("train", "test"))
+    parser.add_argument("--unwrap", choices=("auto", "yes", "no"), default="auto")
+    parser.add_argument("--temperature", type=float, help="K, stored in the metadata")
+    parser.set_defaults(func=_run_import)

@@ -1,0 +1,25 @@
+"""Shared fixtures: one small generated chain data set per test session (CPU, 1 thread)."""
+from __future__ import annotations
+
+import pytest
+
+# 2 train + 1 test chains of 8 monomers (16 beads), 10 tau equilibration, 30 frames (150 tau)
+_CHAIN_SETTINGS = dict(n_train=2, n_test=1, n_monomers=8, equilibration_tau=10.0, n_frames=30)
+
+
+@pytest.fixture(scope="session")
+def chain_settings():
+    """The make_specs overrides (plus n_frames) used for ``chain_data_dir``."""
+    return dict(_CHAIN_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def chain_data_dir(tmp_path_factory):
+    """A generated chain data set (see ``chain_settings``)."""
+    from openmm_cgml.generate import generate_dataset
+
+    out = tmp_path_factory.mktemp("chain_data")
+    overrides = {k: v for k, v in _CHAIN_SETTINGS.items() if k != "n_frames"}
+    generate_dataset("chain", "tiny", out, seed=3, overrides=overrides,
+                     n_frames=_CHAIN_SETTINGS["n_frames"], platform="CPU", threads=1, progress=False)
+    return out
