@@ -75,12 +75,12 @@ setup(
     version="0.1.0",
     description="Learned time-integrated coarse-grained MD (Fu et al., TMLR 2023) as an OpenMM integrator plugin",
     packages=find_packages(include=["openmm_cgml", "openmm_cgml.*"]),
-    package_data={"openmm_cgml": ["systems/data/*", "*.so"]},
+    package_data={"openmm_cgml": ["systems/data/*", "configs/*.yaml", "*.so"]},
     ext_modules=[CMakeExtension("openmm_cgml._cgml")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     # torch is pinned: an open range can pull a multi-GB CUDA build (see README)
     install_requires=["torch==2.13.0", "openmm==8.6.1", "numpy", "scipy", "pymetis", "mdtraj", "tqdm",
-                      "matplotlib", "pyyaml"],
+                      "matplotlib", "pyyaml", "torchmd-net==3.1.0", "rdkit", "packmol"],
     entry_points={"console_scripts": ["cgml=openmm_cgml.cli:main"]},
 )
