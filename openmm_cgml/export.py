@@ -1,0 +1,178 @@
+"""Package a training checkpoint for simulation (``cgml export CKPT -o DIR``).
+
+The directory holds everything :class:`openmm_cgml.LearnedSimulator` needs to simulate a
+*new* system (no training data required)::
+
+    dynamics.pt      TorchScript dynamics module (docs/contract.md), verified to load and
+                     run in a fresh process that imports only torch
+    score.pt         TorchScript score module (absent if the run trained no score model)
+    embedding.pt     embedding GNN: {"format", "state_dict", "model_config",
+                     "num_atom_types", "num_bond_types"} (torch.save, weights_only-safe);
+                     run once per system by LearnedSimulator to make the bead features
+    simulator.json   manifest: format, versions, model/training config, step_size_ps,
+                     record_interval_ps, seq_len, dilation, cg options (cg_level, small
+                     molecule rule, METIS seed), atom/bond type vocabularies, the bond type
+                     of each atom-type pair seen in training, the atom-type rule, kind,
+                     periodic, files, checkpoint step and last metrics
+
+Export refuses (:class:`openmm_cgml.models.ExportError`) a model that does not compile
+to TorchScript, uses custom ops (torch.ops outside aten/prim, e.g. torchmd-net 3.x's
+warp kernels) or whose archive does not reproduce the in-process outputs in a fresh
+process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "simulator.json"
+MANIFEST_FORMAT = "openmm-cgml-simulator/1"
+EMBEDDING_FILE = "embedding.pt"
+EMBEDDING_FORMAT = "openmm-cgml-embedding/1"
+
+#: how atom types are obtained for a new topology (documented in the manifest)
+ATOM_TYPE_RULE = ("metadata atom_types for generated/imported data (TrajectoryRecord); for an "
+                  "OpenMM topology the element symbol, or the atom name when there is no element")
+
+
+def _cutoff(model) -> float:
+    builder = getattr(model, "graph_builder", None) or getattr(model, "graph")
+    return float(builder.cutoff)
+
+
+def _example_inputs(dynamics, score, embedding, ckpt: dict[str, Any]):
+    """Realistic inputs for the fresh-process check: a straight chain of beads at the
+    data's velocity scale, with bead features from the embedding GNN."""
+    from openmm_cgml.models.export import example_inputs
+
+    dyn_inputs = list(example_inputs("dynamics", dynamics))
+    n = dyn_inputs[0].size(1)
+    stats = ckpt.get("data_statistics") or {}
+    gen = torch.Generator().manual_seed(0)
+    spacing = 0.5 * _cutoff(dynamics) / n
+    base = torch.arange(n, dtype=torch.float32).unsqueeze(1) * torch.tensor([spacing, 0.3 * spacing, 0.0])
+    v = float(stats.get("velocity_std", 0.01 * spacing))
+    history = base + torch.cumsum(v * torch.randn(dynamics.seq_len, n, 3, generator=gen), 0)
+    with torch.no_grad():
+        atom_types = torch.zeros(2 * n, dtype=torch.long)
+        masses = torch.full((2 * n,), 0.5 * float(stats.get("mass_mean", 2.0)))
+        bonds = torch.stack([torch.arange(2 * n - 1), torch.arange(1, 2 * n)], 1)
+        features = embedding.bead_features(atom_types, masses, bonds, torch.zeros(2 * n - 1, dtype=torch.long),
+                                           torch.arange(2 * n) // 2, n).float()
+    dyn_inputs = (history, dyn_inputs[1], features, dyn_inputs[3])
+    score_inputs = None
+    if score is not None:
+        was_training = dynamics.training
+        with torch.no_grad():
+            _, _, latent = dynamics.eval()(*dyn_inputs)
+        dynamics.train(was_training)
+        score_inputs = (history[-1], latent, dyn_inputs[1], features, dyn_inputs[3],
+                        score.sigmas[len(score.sigmas) // 2].clone())
+    return dyn_inputs, score_inputs
+
+
+def export_simulator(embedding, dynamics, score, ckpt: dict[str, Any], out_dir: str | os.PathLike,
+                     verify: bool = True) -> Path:
+    """Write the simulator directory from in-memory models and checkpoint metadata
+    (``ckpt``: a training checkpoint dict; its weights are not used). Returns out_dir."""
+    from openmm_cgml.models import ExportError, export_dynamics, export_models
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    embedding = embedding.cpu().float().eval()
+    dyn_inputs, score_inputs = _example_inputs(dynamics, score, embedding, ckpt)
+    # remove stale archives first: a failed export must not leave an old model behind
+    for name in ("dynamics.pt", "score.pt", EMBEDDING_FILE, MANIFEST):
+        (out / name).unlink(missing_ok=True)
+    try:
+        if score is not None:
+            export_models(dynamics, score, out, dyn_inputs, score_inputs)
+        else:
+            export_dynamics(dynamics, out / "dynamics.pt", dyn_inputs, verify=verify)
+    except ExportError:
+        for name in ("dynamics.pt", "score.pt"):
+            (out / name).unlink(missing_ok=True)
+        raise
+    model_config = dict(ckpt["model_config"])
+    torch.save({"format": EMBEDDING_FORMAT, "state_dict": embedding.state_dict(),
+                "model_config": model_config, "num_atom_types": len(ckpt["atom_vocabulary"]),
+                "num_bond_types": len(ckpt["bond_vocabulary"])}, out / EMBEDDING_FILE)
+    config = dict(ckpt["config"])
+    import openmm
+
+    import openmm_cgml
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "versions": {"openmm_cgml": openmm_cgml.__version__, "torch": str(torch.__version__),
+                     "openmm": openmm.__version__, "trained_with": ckpt.get("versions", {})},
+        "files": {"dynamics": "dynamics.pt", "score": "score.pt" if score is not None else None,
+                  "embedding": EMBEDDING_FILE},
+        "kind": ckpt.get("kind"),
+        "periodic": bool(ckpt.get("periodic", False)),
+        "step_size_ps": float(ckpt["step_size_ps"]),
+        "record_interval_ps": float(ckpt["record_interval_ps"]),
+        "seq_len": int(model_config["seq_len"]),
+        "dilation": int(config["dilation"]),
+        "backbone": model_config["backbone"],
+        "cg": dict(ckpt["mapping_options"]),
+        "atom_vocabulary": list(ckpt["atom_vocabulary"]),
+        "bond_vocabulary": list(ckpt["bond_vocabulary"]),
+        "bond_type_of_pair": dict(ckpt.get("bond_type_of_pair", {})),
+        "atom_type_rule": ATOM_TYPE_RULE,
+        "num_features": int(dynamics.num_features),
+        "langevin_steps": int(score.langevin_steps) if score is not None else 0,
+        "langevin_step_size_nm2": float(score.langevin_step_size) if score is not None else 0.0,
+        "sigmas_nm": score.sigmas.tolist() if score is not None else [],
+        "model_config": model_config,
+        "training_config": config,
+        "checkpoint": {"step": int(ckpt.get("step", 0)), "metrics": ckpt.get("metrics", {}),
+                       "train_systems": ckpt.get("train_systems", []),
+                       "val_systems": ckpt.get("val_systems", [])},
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, default=float))
+    os.replace(tmp, out / MANIFEST)
+    return out
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, verify: bool = True) -> Path:
+    """Export a training checkpoint (``checkpoints/last.pt`` or a run directory)."""
+    from openmm_cgml.train import build_models_from_checkpoint, load_checkpoint
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(checkpoint)
+    net = build_models_from_checkpoint(ckpt)
+    return export_simulator(net.embedding, net.dynamics, net.score, ckpt, out_dir, verify=verify)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from openmm_cgml.models import ExportError
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out)
+    except ExportError as err:
+        print(f"cgml export: cannot export {args.checkpoint}: {err}", file=sys.stderr)
+        return 2
+    manifest = json.loads((out / MANIFEST).read_text())
+    print(f"exported {args.checkpoint} -> {out} (seq_len {manifest['seq_len']}, step "
+          f"{manifest['step_size_ps']} ps, score: {'yes' if manifest['files']['score'] else 'no'})")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="package a checkpoint for simulation (TorchScript + embedding + manifest)",
+        description="Write dynamics.pt / score.pt (verified in a fresh process), embedding.pt "
+                    "and simulator.json for openmm_cgml.LearnedSimulator.")
+    parser.add_argument("checkpoint", help="checkpoint file or run directory")
+    parser.add_argument("-o", "--out", required=True, help="output directory")
+    parser.set_defaults(func=_run_export)

@@ -1,0 +1,294 @@
+"""``LearnedSimulator``: run an exported learned CG simulator on any system, in five lines::
+
+    sim = openmm_cgml.LearnedSimulator.load(DIR)           # a `cgml export` directory
+    cg = sim.coarseGrain(topology, positions)              # fine topology (with bonds) + positions
+    integrator = sim.createIntegrator(cg)                  # CGMLIntegrator, bead features/bonds/PBC set
+    simulation = app.Simulation(cg.topology, cg.system, integrator)
+    simulation.context.setPositions(cg.positions)
+    integrator.setHistory(cg.mapTrajectory(traj))          # optional: real history frames
+
+``coarseGrain`` applies the exported CG options (cg_level, small-molecule rule, METIS
+seed) to the fine graph, and computes the bead features with the exported embedding GNN
+(once; it sees no positions). Atom types follow the rule the training data used:
+a :class:`~openmm_cgml.generate.TrajectoryRecord` carries them in its metadata; for an
+OpenMM topology they are the element symbol, or the atom name when there is no element
+(the ``import-trajectory`` rule; the name also wins when only it is a known type, since
+PDB readers guess elements from names), unless ``atom_types=`` is given. Bond types come from
+the atom-type pair (the table of pairs seen in training) unless ``bond_types=`` is given.
+Types the model never saw are an error naming them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import openmm
+from openmm import app, unit
+
+from openmm_cgml.coarse_grain import CGMapping
+
+__all__ = ["LearnedSimulator", "CGSystem"]
+
+
+def _nm(value) -> np.ndarray:
+    if unit.is_quantity(value):
+        value = value.value_in_unit(unit.nanometer)
+    if isinstance(value, (list, tuple)) and value and hasattr(value[0], "x"):
+        value = [[v.x, v.y, v.z] for v in value]
+    return np.asarray(value, dtype=np.float64)
+
+
+@dataclass
+class CGSystem:
+    """A coarse-grained system ready for an OpenMM Simulation.
+
+    ``topology`` / ``system``: CG OpenMM objects (one particle per bead, bead masses, box);
+    ``positions``: CG positions (Quantity, nm); ``mapping``: the fine -> CG
+    :class:`~openmm_cgml.coarse_grain.CGMapping`; ``features``: float32 [N, F] bead
+    features; ``bonds``: int64 [E, 2] CG bonds; ``periodic``; ``box``: [3, 3] nm or None.
+    """
+
+    topology: app.Topology
+    system: openmm.System
+    positions: unit.Quantity
+    mapping: CGMapping
+    features: np.ndarray
+    bonds: np.ndarray
+    periodic: bool
+    box: np.ndarray | None
+    dilation: int = 1
+    seq_len: int = 2
+
+    @property
+    def n_beads(self) -> int:
+        return self.mapping.n_beads
+
+    def mapTrajectory(self, trajectory, dilation: int | None = None) -> unit.Quantity:
+        """Fine trajectory (mdtraj.Trajectory, TrajectoryRecord, or [F, n, 3] nm array /
+        Quantity; unwrapped) -> CG frames one model step apart (every ``dilation``-th
+        recorded frame, ending with the last one), [T, N, 3] nm, oldest first."""
+        if hasattr(trajectory, "xyz"):  # mdtraj
+            frames = np.asarray(trajectory.xyz, dtype=np.float64)
+        elif hasattr(trajectory, "positions") and hasattr(trajectory, "metadata"):  # TrajectoryRecord
+            frames = np.asarray(trajectory.positions, dtype=np.float64)
+        else:
+            frames = _nm(trajectory)
+        if frames.ndim == 2:
+            frames = frames[None]
+        if frames.ndim != 3 or frames.shape[1:] != (self.mapping.n_atoms, 3):
+            raise ValueError(f"trajectory of shape {frames.shape} does not match "
+                             f"[frames, {self.mapping.n_atoms} atoms, 3]")
+        step = int(self.dilation if dilation is None else dilation)
+        picked = frames[::-1][::step][::-1]
+        return self.mapping.map_positions(picked) * unit.nanometer
+
+    def __repr__(self):
+        return (f"<CGSystem {self.mapping.n_atoms} atoms -> {self.n_beads} beads, {len(self.bonds)} CG bonds, "
+                f"features {self.features.shape[1]}, periodic={self.periodic}>")
+
+
+class LearnedSimulator:
+    """An exported learned simulator (``cgml export`` directory); see the module docstring."""
+
+    def __init__(self, directory: str | os.PathLike, manifest: dict[str, Any], embedding):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.embedding = embedding
+        self.atom_vocabulary: list[str] = list(manifest["atom_vocabulary"])
+        self.bond_vocabulary: list[str] = list(manifest["bond_vocabulary"])
+        self.bond_type_of_pair: dict[str, str] = dict(manifest.get("bond_type_of_pair", {}))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "LearnedSimulator":
+        import torch
+
+        from openmm_cgml.export import EMBEDDING_FORMAT, MANIFEST, MANIFEST_FORMAT
+        from openmm_cgml.models import ModelConfig, build_embedding_model
+
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: export a checkpoint with `cgml export CKPT -o DIR`")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"{path}: unknown format {manifest.get('format')!r}")
+        saved = torch.load(directory / manifest["files"]["embedding"], map_location="cpu", weights_only=True)
+        if saved.get("format") != EMBEDDING_FORMAT:
+            raise ValueError(f"{directory}: not an openmm-cgml embedding file")
+        embedding = build_embedding_model(ModelConfig.from_dict(saved["model_config"]),
+                                          saved["num_atom_types"], saved["num_bond_types"])
+        embedding.load_state_dict(saved["state_dict"])
+        embedding.eval()
+        return cls(directory, manifest, embedding)
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def stepSize(self) -> unit.Quantity:
+        return self.manifest["step_size_ps"] * unit.picosecond
+
+    @property
+    def seqLen(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def dilation(self) -> int:
+        return int(self.manifest["dilation"])
+
+    @property
+    def dynamicsPath(self) -> Path:
+        return self.directory / self.manifest["files"]["dynamics"]
+
+    @property
+    def scorePath(self) -> Path | None:
+        name = self.manifest["files"].get("score")
+        return self.directory / name if name else None
+
+    # -- coarse-graining ---------------------------------------------------------------------
+    def _check_types(self, kind: str, types: Sequence[str], vocabulary: Sequence[str]) -> None:
+        unknown = sorted(set(types) - set(vocabulary))
+        if unknown:
+            raise ValueError(f"{kind} types {unknown} were not seen in training (known: {list(vocabulary)}); "
+                             f"pass {kind}_types= mapping your atoms onto known types")
+
+    def defaultAtomTypes(self, atoms) -> list[str]:
+        """The import-trajectory rule: element symbol, or the atom name when there is no
+        element. PDB readers guess elements from names ("S1" -> sulfur), so when the symbol
+        is not a known type but the name is, the name is used."""
+        known = set(self.atom_vocabulary)
+        types = []
+        for atom in atoms:
+            symbol = atom.element.symbol if atom.element is not None else None
+            if symbol is not None and (symbol in known or atom.name not in known):
+                types.append(symbol)
+            else:
+                types.append(atom.name)
+        return types
+
+    def _bond_types(self, atom_types: list[str], bonds: np.ndarray) -> list[str]:
+        if len(self.bond_vocabulary) == 1:
+            return [self.bond_vocabulary[0]] * len(bonds)
+        out, unknown = [], set()
+        for i, j in bonds.tolist():
+            key = "|".join(sorted((atom_types[i], atom_types[j])))
+            bond_type = self.bond_type_of_pair.get(key, "")
+            if not bond_type:
+                unknown.add(key.replace("|", "-"))
+            out.append(bond_type)
+        if unknown:
+            raise ValueError(f"cannot tell the bond type of atom-type pairs {sorted(unknown)} (unseen in "
+                             f"training or ambiguous); pass bond_types= (known: {self.bond_vocabulary})")
+        return out
+
+    def coarseGrain(self, topology, positions=None, atom_types: Sequence[str] | None = None,
+                    masses=None, bond_types: Sequence[str] | None = None, box=None,
+                    frame: int = -1) -> CGSystem:
+        """Map a fine system onto beads and compute its bead features.
+
+        ``topology``: an OpenMM ``app.Topology`` with bonds (or a ``TrajectoryRecord``,
+        which supplies topology, types, masses, positions of ``frame`` and box).
+        ``positions``: [n, 3] nm array or Quantity (a list of Vec3 works). ``masses``:
+        amu per atom (default: element masses), ``box``: [3, 3] nm (default: the
+        topology's periodic box vectors)."""
+        if hasattr(topology, "metadata") and hasattr(topology, "topology"):  # TrajectoryRecord
+            record = topology
+            topology = record.topology
+            atom_types = record.atom_types if atom_types is None else atom_types
+            masses = record.masses if masses is None else masses
+            bond_types = record.bond_types if bond_types is None else bond_types
+            bonds = record.bonds
+            if positions is None:
+                positions = record.positions[frame]
+            if box is None and record.box is not None:
+                box = record.box[frame]
+        else:
+            bonds = np.asarray([[b[0].index, b[1].index] for b in topology.bonds()], dtype=np.int64).reshape(-1, 2)
+        atoms = list(topology.atoms())
+        n = len(atoms)
+        if positions is None:
+            raise ValueError("coarseGrain needs positions")
+        positions = _nm(positions)
+        if positions.shape != (n, 3):
+            raise ValueError(f"positions have shape {positions.shape}, the topology has {n} atoms")
+        if n > 1 and len(bonds) == 0:
+            raise ValueError("the topology has no bonds; the CG mapping and embedding need the chemical bonds")
+        guessed_elements = False
+        if atom_types is None:
+            atom_types = self.defaultAtomTypes(atoms)
+            # an element guessed by a PDB reader from a name that is itself the type
+            # (e.g. "B1" -> boron) says nothing about the mass
+            guessed_elements = any(a.element is not None and a.element.symbol != t
+                                   for a, t in zip(atoms, atom_types))
+        atom_types = [str(t) for t in atom_types]
+        if len(atom_types) != n:
+            raise ValueError(f"{len(atom_types)} atom types for {n} atoms")
+        self._check_types("atom", atom_types, self.atom_vocabulary)
+        if masses is None:
+            masses = []
+            for a, atom_type in zip(atoms, atom_types):
+                trusted = a.element is not None and not (guessed_elements and a.element.symbol != atom_type)
+                mass = a.element.mass.value_in_unit(unit.dalton) if trusted else 0.0
+                if mass <= 0:
+                    raise ValueError(f"atom {a} (type {atom_type}) has no trustworthy element mass; "
+                                     "pass masses= (amu)")
+                masses.append(mass)
+        if unit.is_quantity(masses):
+            masses = masses.value_in_unit(unit.dalton)
+        masses = np.asarray(masses, dtype=np.float64)
+        bond_types = self._bond_types(atom_types, bonds) if bond_types is None else [str(t) for t in bond_types]
+        self._check_types("bond", bond_types, self.bond_vocabulary)
+        cg = self.manifest["cg"]
+        mapping = CGMapping.from_graph(n, bonds, masses, cg["cg_level"], atom_types=atom_types,
+                                       bond_types=bond_types,
+                                       small_molecules_as_beads=cg["small_molecules_as_beads"],
+                                       small_molecule_max_atoms=cg["small_molecule_max_atoms"],
+                                       seed=cg.get("seed", 0))
+        if box is None and topology.getPeriodicBoxVectors() is not None:
+            box = topology.getPeriodicBoxVectors()
+        box = None if box is None else _nm(box).reshape(3, 3)
+        features = self.beadFeatures(mapping)
+        cg_positions = mapping.map_positions(positions) * unit.nanometer
+        return CGSystem(mapping.to_openmm_topology(box), mapping.to_openmm_system(box), cg_positions, mapping,
+                        features, mapping.cg_bonds.copy(), box is not None, box, self.dilation, self.seqLen)
+
+    def beadFeatures(self, mapping: CGMapping) -> np.ndarray:
+        """Embedding GNN bead features ++ bead mass, float32 [N, F]."""
+        import torch
+
+        fine = mapping.fine_graph(self.atom_vocabulary, self.bond_vocabulary)
+        with torch.no_grad():
+            features = self.embedding.bead_features(
+                torch.from_numpy(fine["atom_type"]), torch.from_numpy(fine["atom_masses"]).float(),
+                torch.from_numpy(fine["fine_bonds"]), torch.from_numpy(fine["bond_type"]),
+                torch.from_numpy(fine["bead_of_atom"]), mapping.n_beads)
+        return features.float().numpy()
+
+    # -- integrator -------------------------------------------------------------------------
+    def createIntegrator(self, cg: CGSystem, score: bool = True, deterministic: bool = False,
+                         seed: int = 0, langevinSteps: int | None = None,
+                         langevinStepSize: float | None = None):
+        """A :class:`~openmm_cgml.CGMLIntegrator` for ``cg`` (bead features, CG bonds and
+        periodicity set). ``score=False`` runs without refinement."""
+        from openmm_cgml.integrator import CGMLIntegrator
+
+        score_path = self.scorePath if score else None
+        integrator = CGMLIntegrator(self.dynamicsPath, score_path)
+        integrator.setBeadFeatures(cg.features)
+        integrator.setBonds(cg.bonds)
+        integrator.setUsesPeriodicBoundaryConditions(cg.periodic)
+        integrator.setDeterministic(deterministic)
+        integrator.setRandomNumberSeed(seed)
+        if langevinSteps is not None:
+            integrator.setLangevinSteps(langevinSteps)
+        if langevinStepSize is not None:
+            integrator.setLangevinStepSize(langevinStepSize)
+        return integrator
+
+    def __repr__(self):
+        m = self.manifest
+        return (f"<LearnedSimulator {self.directory} backbone={m['backbone']} seq_len={m['seq_len']} "
+                f"step={m['step_size_ps']} ps cg_level={m['cg']['cg_level']} "
+                f"score={'yes' if m['files'].get('score') else 'no'}>")

@@ -1,0 +1,845 @@
+"""Training of the embedding, dynamics and score GNNs (``cgml train CONFIG``).
+
+Config file (YAML, or TOML by extension ``.toml``; presets in ``openmm_cgml/configs/``,
+pass a preset name such as ``chain-demo`` instead of a path)::
+
+    data_dir: /tmp/chain-demo        # a ``cgml generate`` / ``import-trajectory`` data set
+    system: chain                    # trajectory kind to use (null: every kind)
+    cg_level: 10                     # atoms per bead (METIS), METHOD.md step 3
+    small_molecules_as_beads: false
+    small_molecule_max_atoms: 20
+    seq_len: 10                      # input frames (overrides model.seq_len)
+    dilation: 1                      # recorded frames per learned step
+    stride: 1                        # between window starts
+    val_fraction: 0.25               # validation split *by system*
+    split_seed: 0
+    model: {...}                     # openmm_cgml.models.ModelConfig fields (backbone gns|et)
+    optimizer: {name: adam, lr: 1.0e-4, weight_decay: 0.0, betas: [0.9, 0.999]}
+    schedule: {name: cosine, warmup_steps: 0, min_lr_fraction: 0.05}   # or exponential
+                                     # {gamma: 0.1, decay_steps: steps} or constant
+    grad_clip: 20.0
+    batch_size: 8                    # *global* batch (split over DDP ranks)
+    steps: 1000
+    checkpoint_every: 500
+    val_every: 100                   # 0: never (also evaluated at step 0 and at the end)
+    val_max_windows: 256             # evenly spaced subset of the validation windows
+    log_every: 10
+    seed: 0
+    models: both                     # both | dynamics
+    score_weight: 1.0
+    detach_latent: true
+    dynamics_noise: true             # multi-scale history noise (METHOD.md step 4)
+    train_max_windows: null          # keep only the first N training windows (debugging)
+
+Training scheme (decided here): the three networks are trained *jointly* with one Adam
+optimiser on ``loss = NLL_dynamics + score_weight * DSM_score``. With ``detach_latent``
+(default) the score loss does not flow into the dynamics GNN, so the dynamics GNN and the
+embedding GNN see exactly the gradients they would get when trained alone; the score GNN
+learns on the (moving) dynamics latent. ``models: dynamics`` trains without the score.
+
+Randomness: model initialisation uses ``seed``. Every random draw of a training step
+(position-noise level and noise, DSM level and noise) comes from a generator seeded by
+(seed, step, system, start frame) of each sample, so a step's loss does not depend on
+the number of DDP ranks nor on where a run was resumed. The window order is
+``DistributedSampler``'s (seed, epoch) permutation; a global batch of B windows is the
+same set of windows for any number of ranks dividing B.
+
+Outputs in ``--out`` (default: ``runs/<config name>``)::
+
+    config.yaml          the resolved config
+    metrics.csv          step, epoch, train_dynamics, train_score, train_total,
+                         val_dynamics, val_score, lr, grad_norm, time_s (wall
+                         seconds in training steps, excluding validation and
+                         checkpoints), cpu_s (process CPU seconds since start)
+    loss_curves.png
+    checkpoints/step_<N>.pt, checkpoints/last.pt, checkpoints/best.pt (lowest
+                         validation dynamics NLL; `cgml export RUN/checkpoints/best.pt`)
+
+Checkpoint format (``torch.save`` dict; only tensors and plain types, so it loads with
+``torch.load(path, weights_only=True)``)::
+
+    format "openmm-cgml-checkpoint/1", step, epoch, batch_in_epoch, config (dict),
+    model_config (dict), atom_vocabulary, bond_vocabulary, bond_type_of_pair (dict
+    "A|B" -> bond type), mapping_options (dict), record_interval_ps, step_size_ps,
+    kind, periodic, embedding / dynamics / score (state dicts; score None if not
+    trained), optimizer, scheduler (state dicts), rng {torch, numpy, python},
+    metrics (last logged row), versions.
+
+Data-parallel: ``torchrun --nproc_per_node 2 -m openmm_cgml.cli train CONFIG`` (gloo on
+CPU); only rank 0 writes files. Gradients are averaged over ranks, each rank's loss is
+the mean over its beads, so with graphs of equal size the update equals the 1-process one.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = "openmm-cgml-checkpoint/1"
+CONFIG_DIR = Path(__file__).with_name("configs")
+METRIC_COLUMNS = ["step", "epoch", "train_dynamics", "train_score", "train_total", "val_dynamics",
+                  "val_score", "lr", "grad_norm", "time_s", "cpu_s"]
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    data_dir: str = ""
+    system: str | None = None
+    cg_level: float = 7.0
+    small_molecules_as_beads: bool = False
+    small_molecule_max_atoms: int = 20
+    seq_len: int = 20
+    dilation: int = 100
+    stride: int = 1
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    model: dict = field(default_factory=dict)
+    optimizer: dict = field(default_factory=lambda: {"name": "adam", "lr": 1e-4})
+    schedule: dict = field(default_factory=lambda: {"name": "cosine"})
+    grad_clip: float = 20.0
+    batch_size: int = 8
+    steps: int = 10000
+    checkpoint_every: int = 1000
+    val_every: int = 500
+    val_max_windows: int | None = 512
+    log_every: int = 10
+    seed: int = 0
+    models: str = "both"
+    score_weight: float = 1.0
+    detach_latent: bool = True
+    dynamics_noise: bool = True
+    train_max_windows: int | None = None
+    num_threads: int | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        if self.models not in ("both", "dynamics"):
+            raise ValueError(f"models must be 'both' or 'dynamics', got {self.models!r}")
+        if self.seq_len < 2 or self.dilation < 1 or self.stride < 1:
+            raise ValueError("need seq_len >= 2, dilation >= 1, stride >= 1")
+        if self.batch_size < 1 or self.steps < 0:
+            raise ValueError("need batch_size >= 1 and steps >= 0")
+        seq = self.model.get("seq_len")
+        if seq is not None and int(seq) != int(self.seq_len):
+            raise ValueError(f"model.seq_len ({seq}) differs from seq_len ({self.seq_len}); set only seq_len")
+        self.model_config()  # validates the model dict early
+
+    def model_config(self, step_size_ps: float | None = None):
+        from openmm_cgml.models import ModelConfig
+
+        data = dict(self.model)
+        data["seq_len"] = int(self.seq_len)
+        if step_size_ps is not None:
+            data["step_size_ps"] = float(step_size_ps)
+        return ModelConfig.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**data)
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """A config file path, or the name of a preset in openmm_cgml/configs (``chain-demo``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for suffix in ("", ".yaml", ".yml", ".toml"):
+        candidate = CONFIG_DIR / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"no config file {name!r} (presets: {presets})")
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    path = resolve_config_path(path)
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the config must be a mapping")
+    data.setdefault("name", path.stem)
+    return data
+
+
+def _set_nested(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        data = data.setdefault(key, {})
+    data[keys[-1]] = value
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a config file (or preset name) and apply dotted ``overrides`` ({"model.rounds": 2})."""
+    data = read_config_file(path)
+    for key, value in (overrides or {}).items():
+        _set_nested(data, key, value)
+    return TrainConfig.from_dict(data)
+
+
+# ----------------------------------------------------------------------------- models
+class CGMLNet(nn.Module):
+    """The three networks as one module (one DDP wrapper, one state)."""
+
+    def __init__(self, model_config, num_atom_types: int, num_bond_types: int, with_score: bool = True):
+        super().__init__()
+        from openmm_cgml.models import build_dynamics_model, build_embedding_model, build_score_model
+
+        self.embedding = build_embedding_model(model_config, num_atom_types, num_bond_types)
+        self.dynamics = build_dynamics_model(model_config, self.embedding.num_features)
+        self.score = build_score_model(model_config, self.embedding.num_features,
+                                       self.dynamics.latent_dim) if with_score else None
+
+    def bead_features(self, batch: dict) -> torch.Tensor:
+        """Embedding GNN once per distinct system of the batch, gathered onto every graph."""
+        graph_system = batch["system"]
+        n_graphs = graph_system.numel()
+        bead_graph, atom_graph = batch["batch"], batch["atom_batch"]
+        systems, inverse = torch.unique(graph_system, return_inverse=True)
+        first_graph = torch.full((systems.numel(),), n_graphs, dtype=torch.long)
+        first_graph = first_graph.scatter_reduce(0, inverse, torch.arange(n_graphs), "amin")
+        keep_graph = torch.zeros(n_graphs, dtype=torch.bool)
+        keep_graph[first_graph] = True
+        atom_keep, bead_keep = keep_graph[atom_graph], keep_graph[bead_graph]
+        atom_new = torch.cumsum(atom_keep.long(), 0) - 1
+        bead_new = torch.cumsum(bead_keep.long(), 0) - 1
+        bonds = batch["fine_bonds"]
+        bond_keep = atom_keep[bonds[:, 0]] if bonds.numel() else torch.zeros(0, dtype=torch.bool)
+        unique_features = self.embedding.bead_features(
+            batch["atom_type"][atom_keep], batch["atom_masses"][atom_keep], atom_new[bonds[bond_keep]],
+            batch["bond_type"][bond_keep], bead_new[batch["bead_of_atom"][atom_keep]],
+            int(bead_keep.sum()))
+        n_beads = batch["n_beads"]
+        graph_ptr = torch.cumsum(n_beads, 0) - n_beads
+        # first bead of each kept graph in the compressed numbering
+        block_start = bead_new[graph_ptr[first_graph]]
+        local = torch.arange(bead_graph.numel()) - graph_ptr[bead_graph]
+        return unique_features[block_start[inverse[bead_graph]] + local]
+
+    def forward(self, batch: dict, noise: dict, score_weight: float = 1.0,
+                detach_latent: bool = True) -> dict[str, torch.Tensor]:
+        from openmm_cgml.models import acceleration_target, gaussian_nll
+
+        features = self.bead_features(batch)
+        history = batch["history"]
+        if noise.get("history") is not None:
+            history = history + noise["history"]
+        mean, std, latent = self.dynamics.forward_batch(history, batch["box"], features, batch["cg_bonds"],
+                                                        batch["batch"])
+        target = acceleration_target(history, batch["target"])
+        nll = gaussian_nll(mean, std, target, self.dynamics.acceleration_scale)
+        out = {"dynamics": nll}
+        if self.score is not None:
+            if detach_latent:
+                latent = latent.detach()
+            sigma = noise["score_sigma"].unsqueeze(1)  # [N, 1]
+            x = batch["target"]
+            noisy = x + sigma * noise["score_z"]
+            score = self.score.forward_batch(noisy, latent, batch["box"], features, batch["cg_bonds"],
+                                             batch["batch"], sigma)
+            target_score = -(noisy - x) / sigma.square()
+            dsm = 0.5 * ((score - target_score).square().sum(dim=1) * sigma.square().squeeze(1)).mean()
+            out["score"] = dsm
+            out["total"] = nll + score_weight * dsm
+        else:
+            out["total"] = nll
+        return out
+
+
+def sample_noise(batch: dict, seed: int, step: int, noise_ladder: torch.Tensor | None,
+                 score_ladder: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """Per-sample random draws from generators seeded by (seed, step, system, start_frame)."""
+    history = batch["history"]
+    T = history.size(0)
+    hist_parts, sig_parts, z_parts = [], [], []
+    for g in range(batch["system"].numel()):
+        n = int(batch["n_beads"][g])
+        key = [int(seed) & 0xFFFFFFFF, int(step) & 0xFFFFFFFF, int(batch["system"][g]),
+               int(batch["start_frame"][g])]
+        gen_seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
+        gen = torch.Generator().manual_seed(gen_seed)
+        if noise_ladder is not None:
+            level = noise_ladder[torch.randint(0, noise_ladder.numel(), (1,), generator=gen)]
+            hist_parts.append(torch.randn(T, n, 3, generator=gen) * level)
+        if score_ladder is not None:
+            level = score_ladder[torch.randint(0, score_ladder.numel(), (1,), generator=gen)]
+            sig_parts.append(level.expand(n))
+            z_parts.append(torch.randn(n, 3, generator=gen))
+    return {
+        "history": torch.cat(hist_parts, dim=1).to(history.dtype) if hist_parts else None,
+        "score_sigma": torch.cat(sig_parts).to(history.dtype) if sig_parts else None,
+        "score_z": torch.cat(z_parts).to(history.dtype) if z_parts else None,
+    }
+
+
+# ----------------------------------------------------------------------------- data
+def _bond_type_table(data_dir, kind: str | None) -> dict[str, str]:
+    """{"A|B": bond type} over sorted atom-type pairs of every system of the data set
+    (train and test, like the vocabularies); pairs seen with several bond types map to
+    "" (ambiguous)."""
+    from openmm_cgml.generate import list_trajectories, read_metadata
+
+    table: dict[str, set] = {}
+    for directory in list_trajectories(data_dir, kind=kind):
+        metadata = read_metadata(directory)
+        types = metadata["atom_types"]
+        for (i, j), bond_type in zip(metadata["bonds"], metadata["bond_types"]):
+            key = "|".join(sorted((types[i], types[j])))
+            table.setdefault(key, set()).add(bond_type)
+    return {k: (next(iter(v)) if len(v) == 1 else "") for k, v in sorted(table.items())}
+
+
+def build_datasets(config: TrainConfig):
+    from openmm_cgml.dataset import make_train_val_datasets
+
+    if not config.data_dir:
+        raise ValueError("the config needs data_dir (a generated data set)")
+    if not Path(config.data_dir).is_dir():
+        raise FileNotFoundError(f"data_dir {config.data_dir} does not exist; make it with `cgml generate`")
+    train_set, val_set = make_train_val_datasets(
+        config.data_dir, config.cg_level, config.seq_len, config.dilation, config.val_fraction,
+        seed=config.split_seed, stride=config.stride, kind=config.system,
+        small_molecules_as_beads=config.small_molecules_as_beads,
+        small_molecule_max_atoms=config.small_molecule_max_atoms)
+    if config.train_max_windows is not None:
+        train_set.index = train_set.index[: int(config.train_max_windows)]
+    if len(train_set) == 0:
+        raise ValueError("no training windows: trajectories shorter than seq_len x dilation + 1 frames?")
+    return train_set, val_set
+
+
+def data_statistics(train_set, dilation: int) -> dict[str, float]:
+    """Velocity / acceleration std (nm/step, nm/step^2) and bead-mass mean/std of the training set."""
+    velocities, accelerations = [], []
+    for trajectory in train_set.trajectories:
+        frames = torch.as_tensor(trajectory.positions[::dilation], dtype=torch.float64)
+        if frames.size(0) >= 3:
+            v = frames[1:] - frames[:-1]
+            velocities.append(v.reshape(-1))
+            accelerations.append((v[1:] - v[:-1]).reshape(-1))
+    masses = np.concatenate([s.bead_masses for s in train_set.systems]).astype(np.float64)
+    return {"velocity_std": float(torch.cat(velocities).std()),
+            "acceleration_std": float(torch.cat(accelerations).std()),
+            "mass_mean": float(masses.mean()), "mass_std": float(masses.std())}
+
+
+def _evenly_spaced(n: int, limit: int | None) -> list[int]:
+    if limit is None or n <= limit:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, int(limit)).round().astype(int).tolist()))
+
+
+# ----------------------------------------------------------------------------- schedule
+def lr_factor(schedule: dict, step: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based)."""
+    name = schedule.get("name", "cosine")
+    warmup = int(schedule.get("warmup_steps", 0))
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if name == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, max(0, step - warmup) / span)
+    if name == "cosine":
+        floor = float(schedule.get("min_lr_fraction", 0.0))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if name == "exponential":
+        gamma = float(schedule.get("gamma", 0.1))
+        decay_steps = float(schedule.get("decay_steps", span))
+        return gamma ** (max(0, step - warmup) / decay_steps)
+    raise ValueError(f"unknown LR schedule {name!r} (cosine, exponential, constant)")
+
+
+def make_optimizer(params, config: TrainConfig):
+    options = dict(config.optimizer)
+    name = options.pop("name", "adam").lower()
+    options.setdefault("lr", 1e-4)
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    if name not in classes:
+        raise ValueError(f"unknown optimizer {name!r} ({sorted(classes)})")
+    return classes[name](params, **options)
+
+
+# ----------------------------------------------------------------------------- RNG state
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_state[0]), "state": torch.tensor(py_state[1], dtype=torch.int64),
+                   "gauss_next": py_state[2]},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _versions() -> dict[str, str]:
+    import openmm
+
+    import openmm_cgml
+
+    return {"openmm_cgml": openmm_cgml.__version__, "torch": str(torch.__version__),
+            "openmm": openmm.__version__, "python": sys.version.split()[0]}
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A training checkpoint (safe loader: tensors and plain types only)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an openmm-cgml training checkpoint")
+    return ckpt
+
+
+def build_models_from_checkpoint(ckpt: dict[str, Any]) -> CGMLNet:
+    from openmm_cgml.models import ModelConfig
+
+    net = CGMLNet(ModelConfig.from_dict(ckpt["model_config"]), len(ckpt["atom_vocabulary"]),
+                  len(ckpt["bond_vocabulary"]), with_score=ckpt["score"] is not None)
+    net.embedding.load_state_dict(ckpt["embedding"])
+    net.dynamics.load_state_dict(ckpt["dynamics"])
+    if net.score is not None:
+        net.score.load_state_dict(ckpt["score"])
+    return net
+
+
+# ----------------------------------------------------------------------------- sampler
+class _SkipSampler(torch.utils.data.Sampler):
+    """Epoch permutation of a DistributedSampler, starting ``skip`` indices in (resume)."""
+
+    def __init__(self, sampler, skip: int = 0):
+        self.sampler, self.skip = sampler, int(skip)
+
+    def __iter__(self):
+        return iter(list(self.sampler)[self.skip:])
+
+    def __len__(self):
+        return max(0, len(self.sampler) - self.skip)
+
+
+# ----------------------------------------------------------------------------- trainer
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return rank, world
+
+
+def _write_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return [row for row in csv.DictReader(handle) if int(float(row["step"])) <= up_to_step]
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+    os.replace(tmp, path)
+
+
+def plot_metrics(metrics_csv: Path, png: Path) -> None:
+    """Loss curves (train/val dynamics NLL and DSM) from metrics.csv."""
+    from openmm_cgml.plots import plot_loss_curves
+
+    with open(metrics_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = ["train_dynamics", "train_score", "val_dynamics", "val_score"]
+    columns = [c for c in columns if any(r.get(c) not in ("", None) for r in rows)]
+    if not rows or not columns:
+        return
+    tmp = png.with_suffix(".losses.csv")
+    with open(tmp, "w", newline="") as handle:
+        handle.write(",".join(["step"] + columns) + "\n")
+        for r in rows:
+            handle.write(",".join([r["step"]] + [r.get(c) or "nan" for c in columns]) + "\n")
+    import matplotlib.pyplot as plt
+
+    fig = plot_loss_curves(tmp, path=png, title=png.parent.name)
+    plt.close(fig)
+    tmp.unlink()
+
+
+class Trainer:
+    """One training run (see the module docstring). ``Trainer(config, out).run()``."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
+                 progress: bool = True):
+        self.config = config
+        self.out = Path(out_dir)
+        self.resume = resume
+        self.progress = progress
+        self.rank, self.world = _distributed()
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} ranks")
+        if config.num_threads:
+            torch.set_num_threads(int(config.num_threads))
+
+    # -- setup ---------------------------------------------------------------------------
+    def _setup(self) -> None:
+        config = self.config
+        _seed_everything(config.seed)
+        # rank 0 coarse-grains first (and writes the CG caches); the others then read them
+        if self.world > 1 and self.rank != 0:
+            torch.distributed.barrier()
+        self.train_set, self.val_set = build_datasets(config)
+        if self.world > 1 and self.rank == 0:
+            torch.distributed.barrier()
+        trajectories = self.train_set.trajectories
+        intervals = {round(t.record_interval_ps, 9) for t in trajectories}
+        if len(intervals) != 1:
+            raise ValueError(f"training trajectories have different record intervals {sorted(intervals)}")
+        self.record_interval_ps = float(trajectories[0].record_interval_ps)
+        self.step_size_ps = config.dilation * self.record_interval_ps
+        self.model_config = config.model_config(self.step_size_ps)
+        self.stats = data_statistics(self.train_set, config.dilation)
+        self.net = CGMLNet(self.model_config, len(self.train_set.atom_vocabulary),
+                           len(self.train_set.bond_vocabulary), with_score=config.models == "both")
+        num_features = self.net.embedding.num_features
+        feature_mean = torch.zeros(num_features)
+        feature_std = torch.ones(num_features)
+        feature_mean[-1] = self.stats["mass_mean"]
+        feature_std[-1] = self.stats["mass_std"]
+        self.net.dynamics.set_normalization(self.stats["velocity_std"], self.stats["acceleration_std"],
+                                            feature_mean, feature_std)
+        if self.net.score is not None:
+            self.net.score.set_normalization(self.stats["mass_mean"], self.stats["mass_std"])
+        self.noise_ladder = self.model_config.noise_sigmas() if config.dynamics_noise else None
+        self.score_ladder = self.net.score.sigmas.clone() if self.net.score is not None else None
+        self.optimizer = make_optimizer(self.net.parameters(), config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(config.schedule, s, config.steps))
+        if self.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(self.net, find_unused_parameters=True)
+        else:
+            self.model = self.net
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.rows: list[dict] = []
+        self.elapsed = 0.0
+        self._cpu0 = time.process_time()
+        self.periodic = any(s.periodic for s in self.train_set.systems)
+        self.bond_type_of_pair = _bond_type_table(config.data_dir, config.system)
+
+    def _checkpoint_dict(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "elapsed_s": self.elapsed,
+            "config": config.to_dict(),
+            "model_config": self.model_config.to_dict(),
+            "atom_vocabulary": list(self.train_set.atom_vocabulary),
+            "bond_vocabulary": list(self.train_set.bond_vocabulary),
+            "bond_type_of_pair": dict(self.bond_type_of_pair),
+            "mapping_options": {"cg_level": float(config.cg_level),
+                                "small_molecules_as_beads": bool(config.small_molecules_as_beads),
+                                "small_molecule_max_atoms": int(config.small_molecule_max_atoms),
+                                "seed": 0},
+            "record_interval_ps": self.record_interval_ps,
+            "step_size_ps": self.step_size_ps,
+            "kind": config.system,
+            "periodic": bool(self.periodic),
+            "data_statistics": dict(self.stats),
+            "train_systems": [s.name for s in self.train_set.systems],
+            "val_systems": [s.name for s in self.val_set.systems],
+            "embedding": self.net.embedding.state_dict(),
+            "dynamics": self.net.dynamics.state_dict(),
+            "score": self.net.score.state_dict() if self.net.score is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "metrics": dict(self.rows[-1]) if self.rows else {},
+            "versions": _versions(),
+        }
+
+    def _best_val(self) -> float:
+        """Lowest validation NLL logged before the newest row."""
+        values = [float(r["val_dynamics"]) for r in self.rows[:-1] if r.get("val_dynamics") not in (None, "")]
+        return min(values) if values else float("inf")
+
+    def save_checkpoint(self, best: bool = False) -> Path | None:
+        """``checkpoints/step_<N>.pt`` + ``last.pt``; with ``best``, ``best.pt`` only
+        (the lowest validation dynamics NLL so far)."""
+        if self.rank != 0:
+            return None
+        directory = self.out / "checkpoints"
+        directory.mkdir(parents=True, exist_ok=True)
+        ckpt = self._checkpoint_dict()
+        if best:
+            _write_atomic(ckpt, directory / "best.pt")
+            return directory / "best.pt"
+        path = directory / f"step_{self.step:07d}.pt"
+        _write_atomic(ckpt, path)
+        shutil.copyfile(path, directory / "last.pt.tmp")
+        os.replace(directory / "last.pt.tmp", directory / "last.pt")
+        return path
+
+    def _restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        if ckpt["model_config"] != self.model_config.to_dict():
+            raise ValueError(f"{path}: its model config differs from this config's; cannot resume")
+        self.net.embedding.load_state_dict(ckpt["embedding"])
+        self.net.dynamics.load_state_dict(ckpt["dynamics"])
+        if self.net.score is not None:
+            self.net.score.load_state_dict(ckpt["score"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.elapsed = float(ckpt.get("elapsed_s", 0.0))
+        self.rows = _read_metrics(self.out / "metrics.csv", self.step)
+
+    # -- data --------------------------------------------------------------------------
+    def _loader(self):
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        per_rank = self.config.batch_size // self.world
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                     seed=self.config.seed, drop_last=True)
+        batches_per_epoch = len(sampler) // per_rank
+        if batches_per_epoch == 0:
+            raise ValueError(f"{len(self.train_set)} training windows cannot fill one batch of "
+                             f"{self.config.batch_size}")
+        while True:
+            sampler.set_epoch(self.epoch)
+            skip = self.batch_in_epoch * per_rank
+            loader = DataLoader(self.train_set, batch_size=per_rank, sampler=_SkipSampler(sampler, skip),
+                                collate_fn=self.train_set.collate, drop_last=True, num_workers=0)
+            for batch in loader:
+                self.batch_in_epoch += 1  # counted before use: a checkpoint after it skips it
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean losses over a fixed subset of validation windows: clean history (no
+        position noise), DSM noise drawn with a fixed key, so values are comparable."""
+        if len(self.val_set) == 0:
+            return {}
+        self.net.eval()
+        indices = _evenly_spaced(len(self.val_set), self.config.val_max_windows)
+        per_rank = max(1, self.config.batch_size // self.world)
+        totals: dict[str, float] = {}
+        weight = 0
+        for start in range(0, len(indices), per_rank):
+            batch = self.val_set.collate([self.val_set[i] for i in indices[start:start + per_rank]])
+            noise = sample_noise(batch, self.config.seed, -1, None, self.score_ladder)
+            losses = self.net(batch, noise, self.config.score_weight, True)
+            n = int(batch["system"].numel())
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * n
+            weight += n
+        self.net.train()
+        return {k: v / weight for k, v in totals.items()}
+
+    # -- loop ----------------------------------------------------------------------------
+    def run(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train up to ``config.steps`` (or stop once ``stop_after`` steps are done,
+        checkpointing there: an interruption that ``--resume`` continues exactly)."""
+        config = self.config
+        self._setup()
+        last = self.out / "checkpoints" / "last.pt"
+        if self.resume:
+            if not last.exists():
+                raise FileNotFoundError(f"--resume: no checkpoint {last}")
+            self._restore(last)
+        elif self.rank == 0 and last.exists():
+            raise FileExistsError(f"{self.out} already holds a run; use --resume or another --out")
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            (self.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        target = config.steps if stop_after is None else min(config.steps, int(stop_after))
+        self.net.train()
+        if self.step == 0 and config.val_every and self.rank == 0:
+            self._log_row(None, self.validate(), float("nan"))
+        bar = None
+        if self.progress and self.rank == 0 and self.step < target:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=target, initial=self.step, desc=f"train {config.name or ''}".strip(),
+                       dynamic_ncols=True)
+        data = self._loader() if self.step < target else iter(())
+        window: dict[str, list] = {}
+        grad_norm = float("nan")
+        t_last = time.perf_counter()
+        while self.step < target:
+            batch = next(data)
+            noise = sample_noise(batch, config.seed, self.step, self.noise_ladder, self.score_ladder)
+            losses = self.model(batch, noise, config.score_weight, config.detach_latent)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            grad_norm = float(nn.utils.clip_grad_norm_(self.net.parameters(), config.grad_clip))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            values = torch.stack([v.detach() for v in losses.values()])
+            if self.world > 1:
+                torch.distributed.all_reduce(values)
+                values /= self.world
+            for key, value in zip(losses, values.tolist()):
+                window.setdefault(key, []).append(value)
+            now = time.perf_counter()
+            self.elapsed += now - t_last
+            t_last = now
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v[-1]:.3g}" for k, v in window.items()}, refresh=False)
+            do_val = config.val_every and (self.step % config.val_every == 0 or self.step == config.steps)
+            do_log = self.step % max(1, config.log_every) == 0 or do_val or self.step == target
+            if do_log and self.rank == 0:
+                val = self.validate() if do_val else {}
+                train = {k: float(np.mean(v)) for k, v in window.items()}
+                self._log_row(train, val, grad_norm)
+                _write_metrics(self.out / "metrics.csv", self.rows)
+                if "dynamics" in val and val["dynamics"] < self._best_val():
+                    self.save_checkpoint(best=True)
+                t_last = time.perf_counter()
+            if do_log:
+                window = {}
+            if self.step % max(1, config.checkpoint_every) == 0 or self.step == target:
+                self.save_checkpoint()
+                if self.rank == 0:
+                    _write_metrics(self.out / "metrics.csv", self.rows)
+                    plot_metrics(self.out / "metrics.csv", self.out / "loss_curves.png")
+                t_last = time.perf_counter()
+        if bar is not None:
+            bar.close()
+        if self.rank == 0:
+            _write_metrics(self.out / "metrics.csv", self.rows)
+            if not (self.out / "checkpoints" / "last.pt").exists():
+                self.save_checkpoint()
+        if self.world > 1:
+            torch.distributed.barrier()
+        return {"step": self.step, "metrics": self.rows, "out": self.out,
+                "checkpoint": self.out / "checkpoints" / "last.pt"}
+
+    def _log_row(self, train: dict | None, val: dict, grad_norm: float) -> None:
+        row = {"step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
+               "grad_norm": grad_norm, "time_s": round(self.elapsed, 4),
+               "cpu_s": round(time.process_time() - self._cpu0, 3)}
+        for key, value in (train or {}).items():
+            row[f"train_{key}"] = value
+        for key in ("dynamics", "score"):
+            if key in val:
+                row[f"val_{key}"] = val[key]
+        self.rows.append(row)
+
+
+def train(config: TrainConfig | str | os.PathLike, out_dir: str | os.PathLike, resume: bool = False,
+          progress: bool = True, stop_after: int | None = None,
+          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns {"step", "metrics" (rows), "out", "checkpoint"}."""
+    if not isinstance(config, TrainConfig):
+        config = load_config(config, overrides)
+    elif overrides:
+        data = config.to_dict()
+        for key, value in overrides.items():
+            _set_nested(data, key, value)
+        config = TrainConfig.from_dict(data)
+    return Trainer(config, out_dir, resume=resume, progress=progress).run(stop_after=stop_after)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _parse_set(values) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in values or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        out[key] = yaml.safe_load(text)
+    return out
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    overrides = _parse_set(args.set)
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    config = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / (config.name or Path(args.config).stem)
+    result = Trainer(config, out, resume=args.resume, progress=not args.no_progress).run()
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = result["metrics"][-1] if result["metrics"] else {}
+        summary = {k: last.get(k) for k in ("step", "train_dynamics", "train_score", "val_dynamics", "val_score")}
+        print(f"trained to step {result['step']}: {json.dumps(summary)}\ncheckpoint: {result['checkpoint']}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train the embedding, dynamics and score GNNs",
+        description="Train from a YAML/TOML config (or a preset name: chain-tiny, chain-demo, "
+                    "chain-full, electrolyte-demo, electrolyte-full). Data-parallel under "
+                    "`torchrun --nproc_per_node N -m openmm_cgml.cli train ...`.")
+    parser.add_argument("config", help="config file or preset name")
+    parser.add_argument("--out", help="run directory (default runs/<config name>)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    parser.add_argument("--data-dir", help="override data_dir")
+    parser.add_argument("--steps", type=int, help="override steps")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override any config field, dotted for nested (model.backbone=et)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=_run_train)
