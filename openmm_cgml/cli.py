@@ -10,6 +10,10 @@ import sys
 # sub-command modules, in pipeline order (topology -> data -> models -> evaluation)
 COMMAND_MODULES = [
     "openmm_cgml.generate",
+    "openmm_cgml.train",
+    "openmm_cgml.export",
+    "openmm_cgml.evaluate",
+    "openmm_cgml.demo",
 ]
 
 

@@ -31,9 +31,11 @@ missing frames. Complete trajectories are skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -185,13 +187,32 @@ def read_metadata(directory: str | os.PathLike, require_complete: bool = True) -
     return metadata
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence C-level writes to stdout (file descriptor 1) for the duration."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout (e.g. some notebook kernels): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def load_trajectory(directory: str | os.PathLike) -> TrajectoryRecord:
     """Read one stored trajectory (see the module docstring for the layout)."""
     import mdtraj
 
     directory = Path(directory)
     metadata = read_metadata(directory)
-    trajectory = mdtraj.load_dcd(str(directory / TRAJECTORY_FILE), top=str(directory / TOPOLOGY_FILE))
+    with _quiet_stdout():  # mdtraj's C DCD reader prints two lines per file
+        trajectory = mdtraj.load_dcd(str(directory / TRAJECTORY_FILE), top=str(directory / TOPOLOGY_FILE))
     if trajectory.n_atoms != len(metadata["atom_types"]):
         raise ValueError(
             f"{directory}: trajectory has {trajectory.n_atoms} atoms but metadata lists "

@@ -23,3 +23,16 @@ def chain_data_dir(tmp_path_factory):
     generate_dataset("chain", "tiny", out, seed=3, overrides=overrides,
                      n_frames=_CHAIN_SETTINGS["n_frames"], platform="CPU", threads=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def exported_tiny_model(chain_data_dir, tmp_path_factory):
+    """A chain-tiny model trained for a few steps on ``chain_data_dir`` and exported."""
+    from openmm_cgml.export import export_checkpoint
+    from openmm_cgml.train import load_config, train
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    config = load_config("chain-tiny", {"data_dir": str(chain_data_dir), "steps": 20, "val_every": 0,
+                                        "checkpoint_every": 20, "num_threads": 1})
+    train(config, run, progress=False)
+    return export_checkpoint(run, run / "exported")

@@ -1,0 +1,477 @@
+"""Evaluation against reference MD, and the end-to-end demo.
+
+For every held-out system of a data set, the learned simulator starts from ``seq_len``
+frames of the system's reference MD (mapped to CG) and runs *through CGMLIntegrator in
+an app.Simulation* for ``rollout_factor`` times the length of the training
+trajectories. Its trajectory and the reference are analysed by the same functions
+(:mod:`openmm_cgml.analysis`) and compared with:
+
+* the long reference MD of that system (ground truth);
+* "short MD": the same reference cut to the training-trajectory length;
+* the learned simulator without score refinement (ablation);
+* a supervised GNN that predicts the mean property from the graph (``baselines``);
+* every model directory given (e.g. the ``gns`` and ``et`` backbones).
+
+Observables: Rg^2 (per molecule with more than one bead, mass-weighted, CG level) with
+its distribution, mean, autocorrelation and relaxation time (integral to the first zero
+crossing); for periodic systems, RDFs between bead species and diffusivities per
+species from the MSD; bead collision rate over time; a free-energy surface on the
+first two principal components of the CG coordinates (single-molecule systems).
+The report is a directory with ``report.md``, ``metrics.json`` and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import openmm
+from openmm import app, unit
+from tqdm.auto import tqdm
+
+from openmm_cgml import analysis, plots
+from openmm_cgml.generate import TrajectoryRecord, list_trajectories, load_trajectory
+
+
+# ----------------------------------------------------------------------------- rollouts
+@dataclass
+class CGRun:
+    """A CG trajectory to analyse: positions [F,N,3] nm, one frame every ``dt_ps``."""
+
+    label: str
+    positions: np.ndarray
+    dt_ps: float
+    box: np.ndarray | None = None
+    wall_seconds: float | None = None
+    failed_at_step: int | None = None
+    failure: str | None = None
+
+    @property
+    def duration_ps(self) -> float:
+        return self.dt_ps * max(len(self.positions) - 1, 0)
+
+
+def rollout(learned, cg, start_frames: np.ndarray, n_steps: int, *, score: bool = True, seed: int = 1,
+            label: str = "learned", platform: str = "CPU", progress: bool = True,
+            dcd_path: str | os.PathLike | None = None) -> CGRun:
+    """Run the learned simulator in an ``app.Simulation`` for ``n_steps`` learned steps.
+
+    ``start_frames`` [seq_len, N, 3] nm, one model step apart. A failing step (NaN, ...)
+    ends the rollout early; the frames before it are kept and the failure is recorded.
+    """
+    integrator = learned.createIntegrator(cg, score=score, seed=seed)
+    simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName(platform))
+    integrator.setHistory(start_frames)  # bound: sets the context's positions and velocities too
+    if dcd_path is not None:
+        simulation.reporters.append(app.DCDReporter(str(dcd_path), 1, enforcePeriodicBox=False))
+    frames = np.empty((n_steps + 1,) + start_frames.shape[1:], dtype=np.float32)
+    frames[0] = start_frames[-1]
+    run = CGRun(label, frames, float(integrator.getStepSize().value_in_unit(unit.picosecond)), cg.box)
+    start = time.perf_counter()
+    done = 0
+    with tqdm(total=n_steps, desc=f"  {label} rollout", unit="step", disable=not progress, leave=False) as bar:
+        for step in range(1, n_steps + 1):
+            try:
+                simulation.step(1)
+            except openmm.OpenMMException as error:
+                run.failed_at_step, run.failure = step, str(error)
+                break
+            frames[step] = simulation.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(
+                unit.nanometer)
+            done = step
+            bar.update(1)
+    run.wall_seconds = time.perf_counter() - start
+    run.positions = frames[: done + 1]
+    return run
+
+
+# -------------------------------------------------------------------------- observables
+def bead_species(record: TrajectoryRecord, mapping) -> np.ndarray:
+    """Species of each bead: the residue name of the first atom of its molecule."""
+    residue_of_atom = np.array([atom.residue.name for atom in record.topology.atoms()])
+    molecules = np.asarray(mapping.molecule_of_atom)
+    first_atom_of_molecule = {}
+    for atom in range(len(molecules) - 1, -1, -1):
+        first_atom_of_molecule[int(molecules[atom])] = atom
+    return np.array([residue_of_atom[first_atom_of_molecule[int(m)]] for m in mapping.molecule_of_bead])
+
+
+def molecule_groups(mapping, min_beads: int = 2) -> list[np.ndarray]:
+    """Bead indices of every molecule with at least ``min_beads`` beads (for Rg^2)."""
+    groups = [np.flatnonzero(mapping.molecule_of_bead == m) for m in np.unique(mapping.molecule_of_bead)]
+    return [g for g in groups if len(g) >= min_beads]
+
+
+def rg2_series(positions: np.ndarray, masses: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
+    """Mean over molecules of the mass-weighted CG Rg^2 per frame, nm^2."""
+    per_group = analysis.radius_of_gyration_squared(positions, masses, groups)
+    return per_group.mean(axis=1) if per_group.ndim == 2 else per_group
+
+
+@dataclass
+class Observables:
+    rg2: np.ndarray | None = None
+    rg2_mean: float | None = None
+    rg2_sem: float | None = None
+    acf_time: np.ndarray | None = None
+    acf: np.ndarray | None = None
+    relaxation: Any = None
+    collision: np.ndarray | None = None
+    rdfs: dict = field(default_factory=dict)
+    msd: dict = field(default_factory=dict)
+    diffusion: dict = field(default_factory=dict)
+
+
+def compute_observables(run: CGRun, masses: np.ndarray, groups: list[np.ndarray], species: np.ndarray,
+                        bonds: np.ndarray, collision_threshold: float, periodic: bool,
+                        rdf_pairs: Sequence[tuple[str, str]] = (), max_acf_lag: int | None = None) -> Observables:
+    obs = Observables()
+    x = run.positions
+    if groups and len(x) > 2:
+        obs.rg2 = rg2_series(x, masses, groups)
+        obs.rg2_mean, obs.rg2_sem = analysis.mean_with_error(obs.rg2)
+        lag = min(max_acf_lag or len(x) // 2, len(x) - 1)
+        obs.acf = analysis.autocorrelation(obs.rg2, max_lag=lag)
+        obs.acf_time = np.arange(len(obs.acf)) * run.dt_ps
+        obs.relaxation = analysis.relaxation_time(obs.acf, run.dt_ps)
+    box = run.box if periodic else None
+    obs.collision = analysis.collision_rate(x, collision_threshold, boxes=box, bonds=bonds)
+    if periodic and len(x) > 4:
+        for a, b in rdf_pairs:
+            ia, ib = np.flatnonzero(species == a), np.flatnonzero(species == b)
+            if len(ia) and len(ib) and not (a == b and len(ia) < 2):
+                stride = max(1, len(x) // 50)
+                obs.rdfs[(a, b)] = analysis.rdf(x, box, ia, ib, n_bins=80, stride=stride)
+        for name in np.unique(species):
+            idx = np.flatnonzero(species == name)
+            result = analysis.mean_squared_displacement(x, run.dt_ps, indices=idx, masses=masses)
+            obs.msd[str(name)] = result
+            obs.diffusion[str(name)] = analysis.fit_diffusion(result)
+    return obs
+
+
+# --------------------------------------------------------------------------- evaluation
+def training_length_ps(data_dir: Path) -> float:
+    """Longest training trajectory (the "short MD" length), ps."""
+    lengths = [load_trajectory(d).n_frames * load_trajectory(d).record_interval_ps
+               for d in list_trajectories(data_dir, split="train")]
+    if not lengths:
+        raise ValueError(f"no training trajectories in {data_dir}")
+    return float(max(lengths))
+
+
+def md_speed_ns_per_day(record: TrajectoryRecord, min_seconds: float = 2.0) -> float | None:
+    """Measure the reference MD's speed for this system (CPU platform) by a short run."""
+    from openmm_cgml.systems import get_system_module
+    from openmm_cgml.systems.base import SystemSpec
+
+    meta = record.metadata
+    try:
+        module = get_system_module(meta["kind"])
+        built = module.build(SystemSpec(meta["kind"], meta["name"], meta["split"], meta["seed"],
+                                        meta.get("composition", {})))
+    except Exception:  # user-imported data: no builder to time
+        return None
+    simulation = app.Simulation(built.topology, built.system, built.make_integrator(),
+                                openmm.Platform.getPlatformByName("CPU"))
+    simulation.context.setPositions(record.positions[-1])
+    if built.periodic and record.box is not None:
+        simulation.context.setPeriodicBoxVectors(*record.box[-1])
+    simulation.step(10)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        simulation.step(100)
+        steps += 100
+    seconds = time.perf_counter() - start
+    dt_ns = built.timestep.value_in_unit(unit.nanosecond)
+    return steps * dt_ns / seconds * 86400
+
+
+def _js(a, b):
+    return analysis.jensen_shannon_divergence(a, b) if a is not None and b is not None and len(b) > 2 else None
+
+
+def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: float, rollout_factor: float,
+                    out_dir: Path, *, seed: int = 1, progress: bool = True, sl_prediction: float | None = None,
+                    ablation_model: str | None = None, measure_md: bool = True) -> dict:
+    """Evaluate every model on one held-out system; write its plots; return its metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = next(iter(models.values()))
+    cg = first.coarseGrain(record)
+    mapping = cg.mapping
+    reference = mapping.map_positions(record.positions).astype(np.float32)
+    interval = record.record_interval_ps
+    dilation = first.dilation
+    step_ps = dilation * interval
+    seq_len = first.seqLen
+    masses = np.asarray(mapping.bead_masses, dtype=np.float64)
+    groups = molecule_groups(mapping)
+    species = bead_species(record, mapping)
+    periodic = bool(record.periodic)
+    box = record.box[-1] if periodic else None
+    bonds = np.asarray(mapping.cg_bonds)
+    names = sorted(set(species))
+    rdf_pairs = [(a, b) for i, a in enumerate(names) for b in names[i:]] if periodic else []
+
+    # reference at the model's step (what the learned simulator is compared against frame by frame)
+    long_ref = CGRun("reference MD", reference[::dilation], step_ps, box)
+    short_frames = max(int(round(train_ps / step_ps)) + 1, seq_len + 2)
+    short_ref = CGRun("short MD", reference[::dilation][:short_frames], step_ps, box)
+    threshold = analysis.collision_threshold(long_ref.positions, boxes=box, bonds=bonds)
+    n_steps = int(math.ceil(rollout_factor * train_ps / step_ps))
+    start_frames = reference[: (seq_len - 1) * dilation + 1 : dilation].astype(np.float64)
+
+    runs = [long_ref, short_ref]
+    for label, learned in models.items():
+        runs.append(rollout(learned, cg, start_frames, n_steps, seed=seed, label=label, progress=progress,
+                            dcd_path=out_dir / f"{label.replace(' ', '_')}.dcd"))
+        if label == ablation_model and learned.scorePath is not None:
+            runs.append(rollout(learned, cg, start_frames, n_steps, score=False, seed=seed,
+                                label=f"{label} (no score)", progress=progress))
+    max_lag = max(2, int(len(long_ref.positions) // 2))
+    results = {run.label: compute_observables(run, masses, groups, species, bonds, threshold, periodic,
+                                              rdf_pairs, max_acf_lag=max_lag) for run in runs}
+
+    metrics: dict[str, Any] = {
+        "system": record.name, "n_beads": int(mapping.n_beads), "n_atoms": int(mapping.n_atoms),
+        "step_ps": step_ps, "reference_ps": long_ref.duration_ps, "training_ps": train_ps,
+        "rollout_steps": n_steps, "collision_threshold_nm": threshold, "runs": {},
+    }
+    ref_obs = results["reference MD"]
+    for run in runs:
+        obs = results[run.label]
+        entry: dict[str, Any] = {"duration_ps": run.duration_ps, "frames": int(len(run.positions))}
+        if run.wall_seconds:
+            entry["wall_seconds"] = run.wall_seconds
+            entry["simulated_ns_per_day"] = run.duration_ps / 1000 / run.wall_seconds * 86400
+            entry["steps_per_second"] = (len(run.positions) - 1) / run.wall_seconds
+        if run.failure:
+            entry["failed_at_step"], entry["failure"] = run.failed_at_step, run.failure
+        if obs.rg2 is not None:
+            entry["rg2_mean"], entry["rg2_sem"] = obs.rg2_mean, obs.rg2_sem
+            entry["rg2_js_vs_reference"] = _js(ref_obs.rg2, obs.rg2) if run is not long_ref else 0.0
+            entry["relaxation_ps_integral"] = obs.relaxation.tau_integral
+            entry["relaxation_ps_exp"] = obs.relaxation.tau_exp
+        entry["collision_rate_mean"] = float(np.mean(obs.collision)) if len(obs.collision) else None
+        if obs.diffusion:
+            entry["diffusivity_nm2_per_ps"] = {k: [v.D, v.D_err] for k, v in obs.diffusion.items()}
+        metrics["runs"][run.label] = entry
+    if sl_prediction is not None:
+        metrics["runs"]["SL GNN"] = {"rg2_mean": sl_prediction}
+    if measure_md:
+        metrics["md_ns_per_day"] = md_speed_ns_per_day(record)
+
+    _plot_system(record.name, runs, results, out_dir, periodic, masses, groups)
+    return metrics
+
+
+def _plot_system(name, runs, results, out_dir: Path, periodic: bool, masses, groups):
+    labels = [r.label for r in runs]
+    if results[labels[0]].rg2 is not None:
+        # bins span the reference's range (x2.5): a run that drifts far off stays out of view
+        upper = 2.5 * float(np.percentile(results[labels[0]].rg2, 99.5))
+        plots.plot_rg2_histograms({l: results[l].rg2 for l in labels if results[l].rg2 is not None},
+                                  range=(0.0, upper), path=out_dir / "rg2_hist.png",
+                                  title=f"{name}: CG Rg$^2$ (axis: 0-2.5x reference range)")
+        plots.plot_acfs({l: (results[l].acf_time, results[l].acf) for l in labels if results[l].acf is not None},
+                        relaxation={l: results[l].relaxation for l in labels if results[l].acf is not None},
+                        path=out_dir / "rg2_acf.png", title=f"{name}: Rg$^2$ autocorrelation")
+    plots.plot_collision_rate({l: (np.arange(len(results[l].collision)) * r.dt_ps, results[l].collision)
+                               for l, r in zip(labels, runs)}, path=out_dir / "collisions.png",
+                              title=f"{name}: bead collisions")
+    if len(groups) == 1 and not periodic:
+        learned = [r for r in runs[2:] if len(r.positions) > 10]
+        if learned:
+            _, surfaces = analysis.pca_free_energy_surfaces(
+                runs[0].positions, [r.positions for r in learned], labels=[runs[0].label] + [r.label for r in learned],
+                masses=masses, bins=30)
+            plots.plot_free_energy_surfaces(surfaces, path=out_dir / "fes_pca.png")
+    if periodic:
+        pairs = sorted({p for l in labels for p in results[l].rdfs})
+        if pairs:
+            data = {f"{a}-{b}": {l: results[l].rdfs[(a, b)] for l in labels if (a, b) in results[l].rdfs}
+                    for a, b in pairs}
+            plots.plot_rdfs(data, path=out_dir / "rdfs.png")
+        species = sorted({s for l in labels for s in results[l].msd})
+        data = {s: {l: results[l].msd[s] for l in labels if s in results[l].msd} for s in species}
+        fits = {f"{s}/{l}": results[l].diffusion[s] for s in species for l in labels if s in results[l].diffusion}
+        if data:
+            plots.plot_msd(data, fits=fits, path=out_dir / "msd.png")
+
+
+# ------------------------------------------------------------------------------- report
+def _fmt(value, digits=3):
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}g}"
+
+
+def summarise(all_metrics: list[dict]) -> dict[str, dict[str, float]]:
+    """Errors against the long reference, per method, over systems."""
+    methods = sorted({m for s in all_metrics for m in s["runs"] if m != "reference MD"})
+    summary = {}
+    for method in methods:
+        rows = [(s["runs"]["reference MD"], s["runs"][method]) for s in all_metrics if method in s["runs"]]
+        out = {}
+        pairs = [(r.get("rg2_mean"), m.get("rg2_mean")) for r, m in rows]
+        pairs = [(r, m) for r, m in pairs if r is not None and m is not None]
+        if pairs:
+            ref, est = np.array(pairs).T
+            out["rg2_mae_nm2"] = analysis.mean_absolute_error(est, ref)
+            out["rg2_mean_relative_error"] = float(np.mean(np.abs(analysis.relative_error(est, ref))))
+        pairs = [(r.get("relaxation_ps_integral"), m.get("relaxation_ps_integral")) for r, m in rows]
+        pairs = [(r, m) for r, m in pairs if r is not None and m is not None]
+        if pairs:
+            ref, est = np.array(pairs).T
+            out["relaxation_mae_ps"] = analysis.mean_absolute_error(est, ref)
+        js = [m["rg2_js_vs_reference"] for _, m in rows if m.get("rg2_js_vs_reference") is not None]
+        if js:
+            out["rg2_js_divergence_mean"] = float(np.mean(js))
+        diffs = [(r.get("diffusivity_nm2_per_ps", {}), m.get("diffusivity_nm2_per_ps", {})) for r, m in rows]
+        for species in sorted({k for r, _ in diffs for k in r}):
+            pairs = [(r[species][0], m[species][0]) for r, m in diffs if species in r and species in m]
+            if pairs:
+                ref, est = np.array(pairs).T
+                out[f"D_{species}_mean_relative_error"] = float(np.mean(np.abs(analysis.relative_error(est, ref))))
+        coll = [m["collision_rate_mean"] for _, m in rows if m.get("collision_rate_mean") is not None]
+        if coll:
+            out["collision_rate_mean"] = float(np.mean(coll))
+        summary[method] = out
+    return summary
+
+
+def write_report(all_metrics: list[dict], out_dir: Path, context: dict) -> Path:
+    summary = summarise(all_metrics)
+    (out_dir / "metrics.json").write_text(json.dumps({"context": context, "systems": all_metrics,
+                                                      "summary": summary}, indent=2, default=float))
+    lines = ["# openmm-cgml evaluation report", ""]
+    lines += [f"- {k}: {v}" for k, v in context.items()]
+    lines += ["", "All numbers below were computed by `cgml evaluate` from the trajectories in this run. "
+              "Rg² is the mass-weighted radius of gyration of the CG beads (nm²); relaxation times are "
+              "the integral of the Rg² autocorrelation to its first zero crossing. "
+              "\"short MD\" is the reference cut to the training-trajectory length.", ""]
+    lines += ["## Summary (errors against the long reference MD, over held-out systems)", "",
+              "| method | Rg² MAE (nm²) | Rg² mean rel. error | relaxation MAE (ps) | Rg² JS div. | collisions/bead |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for method, s in summary.items():
+        lines.append(f"| {method} | {_fmt(s.get('rg2_mae_nm2'))} | {_fmt(s.get('rg2_mean_relative_error'))} | "
+                     f"{_fmt(s.get('relaxation_mae_ps'))} | {_fmt(s.get('rg2_js_divergence_mean'))} | "
+                     f"{_fmt(s.get('collision_rate_mean'))} |")
+    d_keys = sorted({k for s in summary.values() for k in s if k.startswith("D_")})
+    if d_keys:
+        lines += ["", "| method | " + " | ".join(d_keys) + " |", "| --- |" + " --- |" * len(d_keys)]
+        for method, s in summary.items():
+            lines.append(f"| {method} | " + " | ".join(_fmt(s.get(k)) for k in d_keys) + " |")
+    lines += ["", "## Per system", ""]
+    for m in all_metrics:
+        lines += [f"### {m['system']}", "",
+                  f"{m['n_atoms']} atoms -> {m['n_beads']} beads; learned step {m['step_ps']:g} ps; "
+                  f"reference {m['reference_ps']:g} ps; training trajectories {m['training_ps']:g} ps; "
+                  f"rollouts {m['rollout_steps']} steps ({m['rollout_steps'] * m['step_ps']:g} ps).", "",
+                  "| run | duration (ps) | <Rg²> (nm²) | ± | relaxation (ps) | JS vs ref | collisions/bead | speed (ns/day) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for label, r in m["runs"].items():
+            lines.append(f"| {label} | {_fmt(r.get('duration_ps'), 5)} | {_fmt(r.get('rg2_mean'))} | "
+                         f"{_fmt(r.get('rg2_sem'), 2)} | {_fmt(r.get('relaxation_ps_integral'))} | "
+                         f"{_fmt(r.get('rg2_js_vs_reference'))} | {_fmt(r.get('collision_rate_mean'))} | "
+                         f"{_fmt(r.get('simulated_ns_per_day'))} |")
+            if r.get("failure"):
+                lines.append(f"|  | failed at step {r['failed_at_step']}: {r['failure'][:120]} | | | | | | |")
+        if m.get("md_ns_per_day"):
+            fastest = max((r.get("simulated_ns_per_day") or 0) for r in m["runs"].values())
+            lines += ["", f"Reference MD of the fine system runs at {m['md_ns_per_day']:.3g} ns/day here; "
+                          f"the fastest learned run at {fastest:.3g} ns/day ({fastest / m['md_ns_per_day']:.3g}x)."]
+        sysdir = m["system"]
+        lines += [""] + [f"![{p}]({sysdir}/{p})" for p in ("rg2_hist.png", "rg2_acf.png", "fes_pca.png",
+                                                           "collisions.png", "rdfs.png", "msd.png")
+                         if (out_dir / sysdir / p).exists()] + [""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# ----------------------------------------------------------------------------- driver
+def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.PathLike,
+                   out_dir: str | os.PathLike, *, rollout_factor: float = 10.0, seed: int = 1,
+                   sl_baseline: bool = True, progress: bool = True, measure_md: bool = True) -> Path:
+    """Evaluate the models on every held-out (split="test") system of ``data_dir``."""
+    from openmm_cgml.simulator import LearnedSimulator
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = {label: LearnedSimulator.load(path) for label, path in model_dirs.items()}
+    train_ps = training_length_ps(data_dir)
+    tests = list_trajectories(data_dir, split="test")
+    if not tests:
+        raise ValueError(f"no held-out (split='test') trajectories in {data_dir}")
+    sl = _fit_sl_baseline(next(iter(models.values())), data_dir) if sl_baseline else None
+    all_metrics = []
+    for directory in tqdm(tests, desc="held-out systems", disable=not progress):
+        record = load_trajectory(directory)
+        prediction = None
+        if sl is not None:
+            from openmm_cgml.baselines import FineGraph
+
+            cg = next(iter(models.values())).coarseGrain(record)
+            try:
+                prediction = sl.predict(FineGraph.from_mapping(cg.mapping))
+            except ValueError:
+                prediction = None
+        all_metrics.append(evaluate_system(record, models, train_ps, rollout_factor, out_dir / record.name,
+                                           seed=seed, progress=progress, sl_prediction=prediction,
+                                           ablation_model=next(iter(models)), measure_md=measure_md))
+    context = {"data": str(data_dir), "models": {k: str(v) for k, v in model_dirs.items()},
+               "rollout_factor": rollout_factor, "training_trajectory_ps": train_ps,
+               "held_out_systems": len(all_metrics)}
+    return write_report(all_metrics, out_dir, context)
+
+
+def _fit_sl_baseline(learned, data_dir: Path):
+    """Fit the SL GNN on the training systems' mean CG Rg^2 (systems with molecules to measure)."""
+    from openmm_cgml.baselines import FineGraph, SupervisedBaseline
+
+    graphs, targets = [], []
+    for directory in list_trajectories(data_dir, split="train"):
+        record = load_trajectory(directory)
+        cg = learned.coarseGrain(record)
+        groups = molecule_groups(cg.mapping)
+        if not groups:
+            continue
+        x = cg.mapping.map_positions(record.positions)
+        graphs.append(FineGraph.from_mapping(cg.mapping))
+        targets.append(float(rg2_series(x, cg.mapping.bead_masses, groups).mean()))
+    return SupervisedBaseline().fit(graphs, targets) if graphs else None
+
+
+def _run_evaluate(args) -> int:
+    models = {}
+    for item in args.model:
+        label, _, path = item.rpartition("=")
+        models[label or Path(path).name] = path
+    report = run_evaluation(models, args.data, args.out, rollout_factor=args.rollout_factor, seed=args.seed,
+                            sl_baseline=not args.no_sl, progress=not args.no_progress,
+                            measure_md=not args.no_md_timing)
+    print(f"report: {report}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="evaluate exported models against reference MD",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True,
+                   help="exported model directory, optionally LABEL=DIR; repeat for several backbones")
+    p.add_argument("--data", required=True, help="data directory written by `cgml generate`")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--rollout-factor", type=float, default=10.0,
+                   help="learned rollout length in units of the training-trajectory length (default 10)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-sl", action="store_true", help="skip the supervised GNN baseline")
+    p.add_argument("--no-md-timing", action="store_true", help="skip timing the reference MD")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_evaluate)
