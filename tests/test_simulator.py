@@ -9,20 +9,14 @@ import torch
 from openmm import app, unit
 
 import openmm_cgml
-from openmm_cgml.export import export_checkpoint
 from openmm_cgml.generate import list_trajectories, load_trajectory
-from openmm_cgml.train import load_config, train
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def exported(chain_data_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("simulator_run")
-    config = load_config("chain-tiny", {"data_dir": str(chain_data_dir), "steps": 20, "val_every": 0,
-                                        "checkpoint_every": 20, "num_threads": 1})
-    train(config, run, progress=False)
-    return export_checkpoint(run, run / "exported")
+def exported(exported_tiny_model):
+    return exported_tiny_model  # trained and exported once per session (conftest.py)
 
 
 @pytest.fixture(scope="module")
