@@ -135,7 +135,10 @@ def compute_observables(run: CGRun, masses: np.ndarray, groups: list[np.ndarray]
     x = run.positions
     if groups and len(x) > 2:
         obs.rg2 = rg2_series(x, masses, groups)
-        obs.rg2_mean, obs.rg2_sem = analysis.mean_with_error(obs.rg2)
+        if len(obs.rg2) >= 8:  # blocking needs 8 samples; shorter runs get no error bar
+            obs.rg2_mean, obs.rg2_sem = analysis.mean_with_error(obs.rg2)
+        else:
+            obs.rg2_mean = float(obs.rg2.mean())
         lag = min(max_acf_lag or len(x) // 2, len(x) - 1)
         obs.acf = analysis.autocorrelation(obs.rg2, max_lag=lag)
         obs.acf_time = np.arange(len(obs.acf)) * run.dt_ps
