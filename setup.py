@@ -1,6 +1,6 @@
 """Build and install openmm-cgml.
 
-The C++ plugin is compiled by CMake against the openmm and torch *already installed in
+The C++ plugin is compiled by CMake against the openmm and PyTorch *already installed in
 this environment* (their headers and shared libraries ship in the wheels), so install
 without build isolation:  pip install --no-build-isolation -e .   (the Makefile does).
 """
@@ -30,7 +30,7 @@ class CMakeBuild(build_ext):
             import openmm.version
             import torch
         except ImportError as error:
-            sys.exit(f"openmm-cgml builds against the installed openmm and torch: {error}. "
+            sys.exit(f"openmm-cgml builds against the installed openmm and PyTorch: {error}. "
                      "Install torch==2.13.0 and openmm first, then build with --no-build-isolation.")
         module_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = ROOT / "build" / "cmake"
@@ -79,7 +79,7 @@ setup(
     ext_modules=[CMakeExtension("openmm_cgml._cgml")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
-    # torch is pinned: an open range can pull a multi-GB CUDA build (see README)
+    # PyTorch is pinned: an open range can pull a multi-GB CUDA build (see README)
     install_requires=["torch==2.13.0", "openmm==8.6.1", "numpy", "scipy", "pymetis", "mdtraj", "tqdm",
                       "matplotlib", "pyyaml", "torchmd-net==3.1.0", "rdkit", "packmol"],
     entry_points={"console_scripts": ["cgml=openmm_cgml.cli:main"]},
