@@ -36,7 +36,7 @@ from openmm import app, unit
 from tqdm.auto import tqdm
 
 from openmm_cgml import analysis, plots
-from openmm_cgml.generate import TrajectoryRecord, list_trajectories, load_trajectory
+from openmm_cgml.generate import TrajectoryRecord, list_trajectories, load_trajectory, read_metadata
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -162,8 +162,8 @@ def compute_observables(run: CGRun, masses: np.ndarray, groups: list[np.ndarray]
 # --------------------------------------------------------------------------- evaluation
 def training_length_ps(data_dir: Path) -> float:
     """Longest training trajectory (the "short MD" length), ps."""
-    lengths = [load_trajectory(d).n_frames * load_trajectory(d).record_interval_ps
-               for d in list_trajectories(data_dir, split="train")]
+    lengths = [meta["n_frames"] * meta["record_interval_ps"]
+               for meta in map(read_metadata, list_trajectories(data_dir, split="train"))]
     if not lengths:
         raise ValueError(f"no training trajectories in {data_dir}")
     return float(max(lengths))
@@ -202,11 +202,12 @@ def _js(a, b):
 
 def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: float, rollout_factor: float,
                     out_dir: Path, *, seed: int = 1, progress: bool = True, sl_prediction: float | None = None,
-                    ablation_model: str | None = None, measure_md: bool = True) -> dict:
-    """Evaluate every model on one held-out system; write its plots; return its metrics."""
+                    ablation_model: str | None = None, measure_md: bool = True, cg=None) -> dict:
+    """Evaluate every model on one held-out system; write its plots; return its metrics.
+    ``cg``: the system coarse-grained by the first model, if already computed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(models.values()))
-    cg = first.coarseGrain(record)
+    cg = first.coarseGrain(record) if cg is None else cg
     mapping = cg.mapping
     reference = mapping.map_positions(record.positions).astype(np.float32)
     interval = record.record_interval_ps
@@ -417,18 +418,18 @@ def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.
     all_metrics = []
     for directory in tqdm(tests, desc="held-out systems", disable=not progress):
         record = load_trajectory(directory)
+        cg = next(iter(models.values())).coarseGrain(record)
         prediction = None
         if sl is not None:
             from openmm_cgml.baselines import FineGraph
 
-            cg = next(iter(models.values())).coarseGrain(record)
             try:
                 prediction = sl.predict(FineGraph.from_mapping(cg.mapping))
             except ValueError:
                 prediction = None
         all_metrics.append(evaluate_system(record, models, train_ps, rollout_factor, out_dir / record.name,
                                            seed=seed, progress=progress, sl_prediction=prediction,
-                                           ablation_model=next(iter(models)), measure_md=measure_md))
+                                           ablation_model=next(iter(models)), measure_md=measure_md, cg=cg))
     context = {"data": str(data_dir), "models": {k: str(v) for k, v in model_dirs.items()},
                "rollout_factor": rollout_factor, "training_trajectory_ps": train_ps,
                "held_out_systems": len(all_metrics)}
