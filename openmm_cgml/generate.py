@@ -15,7 +15,9 @@ On-disk format (one directory per trajectory, all readable by mdtraj)::
                                      n_frames, periodic, box (nm, 3x3 or null), atom_types
                                      (one per atom), bond_types (one per bond), bonds
                                      (atom index pairs, aligned with bond_types),
-                                     masses_amu, openmm_version, complete
+                                     masses_amu, openmm_version, complete,
+                                     spec_fingerprint (SHA-256 of the resolved spec:
+                                     SPEC_KEYS; a resume with another spec is refused)
     DIR/<name>/equilibrated_state.xml  OpenMM State at the start of production (kept)
     DIR/<name>/production/           chunks, checkpoint, progress.json while running
                                      (deleted when the trajectory is complete)
@@ -26,20 +28,25 @@ the PDB carries the same bonds for other tools.
 Generation is resumable: production runs in chunks; after each chunk its frames are
 saved, then an OpenMM checkpoint, then ``production/progress.json`` (each written
 atomically), so a killed run restarts from its last complete chunk with no duplicated or
-missing frames. Complete trajectories are skipped.
+missing frames. Complete trajectories are skipped. Resuming (or skipping as done) a
+trajectory whose stored spec differs from the requested one (another --seed, preset,
+override or frame count) is refused with :class:`SpecMismatchError` naming the fields.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import struct
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import openmm
@@ -336,6 +343,77 @@ def _base_metadata(built: BuiltSystem, n_frames: int) -> dict[str, Any]:
     }
 
 
+# ----------------------------------------------------------------------------- spec fingerprint
+#: metadata keys that together are the *resolved spec* of a generated trajectory: what
+#: was asked for (spec + frame count) and what the built model made of it
+SPEC_KEYS = ("kind", "name", "split", "seed", "composition", "n_frames", "record_interval_ps",
+             "temperature_K", "timestep_ps", "n_atoms", "periodic")
+
+
+class SpecMismatchError(ValueError):
+    """A trajectory directory holds data of another spec than the one requested."""
+
+
+def _plain(value: Any) -> Any:
+    """JSON round trip: the form a value has after metadata.json was written and read."""
+    return json.loads(json.dumps(value, default=float))
+
+
+def resolved_spec(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The resolved-spec part of a metadata dict (see ``SPEC_KEYS``)."""
+    return {key: _plain(metadata.get(key)) for key in SPEC_KEYS}
+
+
+def spec_fingerprint(metadata: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the resolved spec; stored as ``spec_fingerprint`` in metadata.json."""
+    text = json.dumps(resolved_spec(metadata), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            label = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                out.append(f"{label}: absent on disk, {new[key]!r} requested")
+            elif key not in new:
+                out.append(f"{label}: {old[key]!r} on disk, absent in the request")
+            else:
+                out.extend(_differences(old[key], new[key], label))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} on disk, {new!r} requested"]
+
+
+def _check_same_spec(directory: Path, existing: dict[str, Any], requested: dict[str, Any],
+                     keys: Sequence[str] = SPEC_KEYS) -> None:
+    """Refuse to resume (or skip as done) a trajectory generated from another spec.
+
+    ``requested`` holds the resolved-spec keys of the new request (only ``keys`` are
+    compared; metadata written before fingerprints existed is compared key by key)."""
+    if (existing.get("spec_fingerprint") and set(keys) == set(SPEC_KEYS)
+            and existing["spec_fingerprint"] == spec_fingerprint(requested)):
+        return
+    old = {k: _plain(existing.get(k)) for k in keys if k in existing}
+    new = {k: _plain(requested.get(k)) for k in keys if k in existing}
+    differences = _differences(old, new)
+    if not differences:
+        return
+    shown = "; ".join(differences[:8]) + (f"; ... ({len(differences)} differences)" if len(differences) > 8 else "")
+    state = "a complete trajectory" if existing.get("complete") else "an unfinished trajectory"
+    raise SpecMismatchError(
+        f"{directory} already holds {state} generated from another spec ({shown}); "
+        f"{'it would be kept' if existing.get('complete') else 'resuming would continue the old system'} "
+        "under the new settings. Rerun with the original settings (seed, preset, overrides, "
+        "n_frames), or delete that directory / use another --out")
+
+
+def _requested_spec_keys(spec: SystemSpec, n_frames: int) -> dict[str, Any]:
+    """The spec-level part of the resolved spec (known before the system is built)."""
+    return {"kind": spec.kind, "name": spec.name, "split": spec.split, "seed": int(spec.seed),
+            "composition": spec.composition, "n_frames": int(n_frames)}
+
+
 # ----------------------------------------------------------------------------- generation
 def generate_trajectory(
     built: BuiltSystem,
@@ -370,20 +448,17 @@ def generate_trajectory(
     work = directory / WORK_DIR
     metadata_path = directory / METADATA_FILE
 
+    record_steps = _steps_per_interval(built.record_interval, built.timestep, "record interval")
+    metadata = _base_metadata(built, n_frames)
+    metadata["spec_fingerprint"] = spec_fingerprint(metadata)
     existing: dict[str, Any] = {}
     if metadata_path.exists():
         existing = json.loads(metadata_path.read_text())
+        _check_same_spec(directory, existing, metadata)
         if existing.get("complete"):
-            if existing["n_frames"] != n_frames:
-                raise ValueError(
-                    f"{directory} already holds a complete trajectory of {existing['n_frames']} "
-                    f"frames, not the {n_frames} requested; delete it or use another --out"
-                )
             _update_index(out_dir, existing)
             return directory
 
-    record_steps = _steps_per_interval(built.record_interval, built.timestep, "record interval")
-    metadata = _base_metadata(built, n_frames)
     metadata["record_interval_steps"] = record_steps
     metadata["platform"] = platform
     if "equilibration_summary" in existing:  # resumed run: equilibration is not repeated
@@ -538,6 +613,14 @@ def generate_dataset(
         specs = [s for s in specs if s.name in wanted]
     if n_frames is not None:
         specs = [replace(s, n_frames=int(n_frames)) for s in specs]
+    # refuse a changed request before generating anything (generate_trajectory checks
+    # the full resolved spec, including what the built model makes of it, again)
+    for spec in specs:
+        metadata_path = Path(out_dir) / spec.name / METADATA_FILE
+        if metadata_path.exists():
+            requested = _requested_spec_keys(spec, _spec_n_frames(spec))
+            _check_same_spec(metadata_path.parent, json.loads(metadata_path.read_text()), requested,
+                             keys=tuple(requested))
     directories = []
     for spec in tqdm(specs, desc=f"{kind} systems", unit="system", disable=not progress):
         built = module.build(spec)
@@ -713,10 +796,14 @@ def _run_generate(args: argparse.Namespace) -> int:
         if value is not None:
             overrides[key] = value
     start = time.perf_counter()
-    directories = generate_dataset(
-        args.system, args.preset, args.out, seed=args.seed, overrides=overrides,
-        n_frames=args.n_frames, names=args.only, chunk_frames=args.chunk_frames,
-        platform=args.platform, threads=args.threads, progress=not args.no_progress)
+    try:
+        directories = generate_dataset(
+            args.system, args.preset, args.out, seed=args.seed, overrides=overrides,
+            n_frames=args.n_frames, names=args.only, chunk_frames=args.chunk_frames,
+            platform=args.platform, threads=args.threads, progress=not args.no_progress)
+    except SpecMismatchError as err:
+        print(f"cgml generate: {err}", file=sys.stderr)
+        return 2
     print(f"{len(directories)} trajectories in {args.out} ({time.perf_counter() - start:.1f} s)")
     return 0
 
