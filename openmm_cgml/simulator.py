@@ -16,6 +16,11 @@ OpenMM topology they are the element symbol, or the atom name when there is no e
 PDB readers guess elements from names), unless ``atom_types=`` is given. Bond types come from
 the atom-type pair (the table of pairs seen in training) unless ``bond_types=`` is given.
 Types the model never saw are an error naming them.
+
+The manifest is not trusted: :meth:`LearnedSimulator.load` validates it (format,
+required keys and their types), keeps every file it names inside the model directory,
+and checks seq_len / step size against the dynamics archive and the vocabularies
+against the embedding; a periodic model refuses a system without a box and vice versa.
 """
 from __future__ import annotations
 
@@ -91,6 +96,73 @@ class CGSystem:
                 f"features {self.features.shape[1]}, periodic={self.periodic}>")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+#: required manifest keys: (check, what it must be)
+_MANIFEST_SCHEMA = {
+    "format": (lambda v: isinstance(v, str), "a string"),
+    "files": (lambda v: isinstance(v, dict), "an object"),
+    "periodic": (lambda v: isinstance(v, bool), "a bool (true/false)"),
+    "step_size_ps": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "record_interval_ps": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "seq_len": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "dilation": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "cg": (lambda v: isinstance(v, dict), "an object"),
+    "atom_vocabulary": (lambda v: isinstance(v, list) and v and all(isinstance(t, str) for t in v),
+                        "a non-empty list of strings"),
+    "bond_vocabulary": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of strings"),
+}
+_CG_SCHEMA = {
+    "cg_level": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "small_molecules_as_beads": (lambda v: isinstance(v, bool), "a bool"),
+    "small_molecule_max_atoms": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+}
+
+
+def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
+    """Check a model manifest's format, required keys and their types (ValueError naming
+    ``path`` and every problem). Returns the manifest."""
+    from openmm_cgml.export import MANIFEST_FORMAT
+
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: a model manifest must be a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: unknown manifest format {manifest.get('format')!r} (this openmm-cgml "
+                         f"reads {MANIFEST_FORMAT!r}); re-export the model with this version")
+    problems = [f"missing key {key!r}" for key in _MANIFEST_SCHEMA if key not in manifest]
+    problems += [f"{key!r} must be {what}, got {manifest[key]!r}" for key, (ok, what) in _MANIFEST_SCHEMA.items()
+                 if key in manifest and not ok(manifest[key])]
+    if isinstance(manifest.get("cg"), dict):
+        cg = manifest["cg"]
+        problems += [f"missing key 'cg.{key}'" for key in _CG_SCHEMA if key not in cg]
+        problems += [f"'cg.{key}' must be {what}, got {cg[key]!r}" for key, (ok, what) in _CG_SCHEMA.items()
+                     if key in cg and not ok(cg[key])]
+        if "seed" in cg and not _is_int(cg["seed"]):
+            problems.append(f"'cg.seed' must be an int, got {cg['seed']!r}")
+    if isinstance(manifest.get("files"), dict):
+        files = manifest["files"]
+        for key in ("dynamics", "embedding"):
+            if not isinstance(files.get(key), str) or not files.get(key):
+                problems.append(f"'files.{key}' must be a file name, got {files.get(key)!r}")
+        if files.get("score") is not None and not isinstance(files["score"], str):
+            problems.append(f"'files.score' must be a file name or null, got {files['score']!r}")
+    if "bond_type_of_pair" in manifest and not isinstance(manifest["bond_type_of_pair"], dict):
+        problems.append(f"'bond_type_of_pair' must be an object, got {manifest['bond_type_of_pair']!r}")
+    if not problems and abs(manifest["step_size_ps"] - manifest["dilation"] * manifest["record_interval_ps"]) \
+            > 1e-6 * manifest["step_size_ps"]:
+        problems.append(f"step_size_ps {manifest['step_size_ps']} is not dilation x record_interval_ps "
+                        f"({manifest['dilation']} x {manifest['record_interval_ps']})")
+    if problems:
+        raise ValueError(f"{path}: invalid model manifest: " + "; ".join(problems))
+    return manifest
+
+
 class LearnedSimulator:
     """An exported learned simulator (``cgml export`` directory); see the module docstring."""
 
@@ -104,21 +176,57 @@ class LearnedSimulator:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "LearnedSimulator":
+        """Load and check a ``cgml export`` directory: the manifest is validated (format,
+        required keys, types), every file it names must lie inside ``directory``, and its
+        seq_len / step size must match the dynamics archive's, its vocabularies the
+        embedding's (ValueError naming the file and the mismatch)."""
         import torch
 
-        from openmm_cgml.export import EMBEDDING_FORMAT, MANIFEST, MANIFEST_FORMAT
+        from openmm_cgml.export import EMBEDDING_FORMAT, MANIFEST
+        from openmm_cgml.generate import contained_path
         from openmm_cgml.models import ModelConfig, build_embedding_model
 
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: export a checkpoint with `cgml export CKPT -o DIR`")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"{path}: unknown format {manifest.get('format')!r}")
-        saved = torch.load(directory / manifest["files"]["embedding"], map_location="cpu", weights_only=True)
-        if saved.get("format") != EMBEDDING_FORMAT:
-            raise ValueError(f"{directory}: not an openmm-cgml embedding file")
+        try:
+            manifest = json.loads(path.read_text())
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{path}: not a valid JSON model manifest ({err})") from None
+        validate_manifest(manifest, path)
+        files = {key: contained_path(directory, name, f"{path}: files.{key}", "the model directory")
+                 for key, name in manifest["files"].items() if name is not None}
+        for key, file in files.items():
+            if not file.is_file():
+                raise FileNotFoundError(f"{path}: files.{key} names {file}, which does not exist")
+        embedding_path = files["embedding"]
+        try:
+            saved = torch.load(embedding_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # corrupt / not a torch file
+            raise ValueError(f"{embedding_path}: cannot read the embedding file ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        if not isinstance(saved, dict) or saved.get("format") != EMBEDDING_FORMAT:
+            raise ValueError(f"{embedding_path}: not an openmm-cgml embedding file (expected format "
+                             f"{EMBEDDING_FORMAT!r})")
+        for key, vocabulary in (("num_atom_types", "atom_vocabulary"), ("num_bond_types", "bond_vocabulary")):
+            if saved.get(key) != len(manifest[vocabulary]):
+                raise ValueError(f"{path}: {vocabulary} has {len(manifest[vocabulary])} types but "
+                                 f"{embedding_path.name} was trained with {saved.get(key)}")
+        try:
+            dynamics = torch.jit.load(str(files["dynamics"]), map_location="cpu")
+        except Exception as err:
+            raise ValueError(f"{files['dynamics']}: cannot load the TorchScript dynamics archive "
+                             f"({type(err).__name__})") from None
+        archive_seq_len = int(getattr(dynamics, "seq_len", -1))
+        archive_step = float(getattr(dynamics, "step_size_ps", float("nan")))
+        if archive_seq_len != manifest["seq_len"]:
+            raise ValueError(f"{path}: seq_len {manifest['seq_len']} does not match {files['dynamics'].name} "
+                             f"(seq_len {archive_seq_len})")
+        if not abs(archive_step - manifest["step_size_ps"]) <= 1e-6 * abs(archive_step):
+            raise ValueError(f"{path}: step_size_ps {manifest['step_size_ps']} does not match "
+                             f"{files['dynamics'].name} (step_size_ps {archive_step})")
+        del dynamics
         embedding = build_embedding_model(ModelConfig.from_dict(saved["model_config"]),
                                           saved["num_atom_types"], saved["num_bond_types"])
         embedding.load_state_dict(saved["state_dict"])
@@ -139,13 +247,23 @@ class LearnedSimulator:
         return int(self.manifest["dilation"])
 
     @property
+    def periodic(self) -> bool:
+        """Whether the model was trained on periodic systems (it then needs a box)."""
+        return bool(self.manifest.get("periodic", False))
+
+    def _file(self, key: str) -> Path | None:
+        from openmm_cgml.generate import contained_path
+
+        name = self.manifest["files"].get(key)
+        return contained_path(self.directory, name, f"files.{key}", "the model directory") if name else None
+
+    @property
     def dynamicsPath(self) -> Path:
-        return self.directory / self.manifest["files"]["dynamics"]
+        return self._file("dynamics")
 
     @property
     def scorePath(self) -> Path | None:
-        name = self.manifest["files"].get("score")
-        return self.directory / name if name else None
+        return self._file("score")
 
     # -- coarse-graining ---------------------------------------------------------------------
     def _check_types(self, kind: str, types: Sequence[str], vocabulary: Sequence[str]) -> None:
@@ -155,18 +273,16 @@ class LearnedSimulator:
                              f"pass {kind}_types= mapping your atoms onto known types")
 
     def defaultAtomTypes(self, atoms) -> list[str]:
-        """The import-trajectory rule: element symbol, or the atom name when there is no
-        element. PDB readers guess elements from names ("S1" -> sulfur), so when the symbol
-        is not a known type but the name is, the name is used."""
-        known = set(self.atom_vocabulary)
-        types = []
-        for atom in atoms:
-            symbol = atom.element.symbol if atom.element is not None else None
-            if symbol is not None and (symbol in known or atom.name not in known):
-                types.append(symbol)
-            else:
-                types.append(atom.name)
-        return types
+        """The import-trajectory rule (:func:`openmm_cgml.generate.atom_types_from_topology`):
+        element symbol, or the atom name when there is no element. PDB readers guess
+        elements from names ("S1" -> sulfur), so when the symbol is not a known type but
+        the name is, the name is used."""
+        return self._default_atom_types(atoms)[0]
+
+    def _default_atom_types(self, atoms) -> tuple[list[str], list[bool]]:
+        from openmm_cgml.generate import atom_types_from_topology
+
+        return atom_types_from_topology(atoms, known=self.atom_vocabulary)
 
     def _bond_types(self, atom_types: list[str], bonds: np.ndarray) -> list[str]:
         if len(self.bond_vocabulary) == 1:
@@ -215,21 +331,20 @@ class LearnedSimulator:
             raise ValueError(f"positions have shape {positions.shape}, the topology has {n} atoms")
         if n > 1 and len(bonds) == 0:
             raise ValueError("the topology has no bonds; the CG mapping and embedding need the chemical bonds")
-        guessed_elements = False
+        # an element guessed by a PDB reader from a name that is itself the type
+        # (e.g. "B1" -> boron) says nothing about the mass: only element-typed atoms
+        # take their element's mass
+        rule_types, element_typed = self._default_atom_types(atoms)
         if atom_types is None:
-            atom_types = self.defaultAtomTypes(atoms)
-            # an element guessed by a PDB reader from a name that is itself the type
-            # (e.g. "B1" -> boron) says nothing about the mass
-            guessed_elements = any(a.element is not None and a.element.symbol != t
-                                   for a, t in zip(atoms, atom_types))
+            atom_types = rule_types
         atom_types = [str(t) for t in atom_types]
         if len(atom_types) != n:
             raise ValueError(f"{len(atom_types)} atom types for {n} atoms")
         self._check_types("atom", atom_types, self.atom_vocabulary)
         if masses is None:
             masses = []
-            for a, atom_type in zip(atoms, atom_types):
-                trusted = a.element is not None and not (guessed_elements and a.element.symbol != atom_type)
+            for a, atom_type, typed, rule in zip(atoms, atom_types, element_typed, rule_types):
+                trusted = typed and atom_type == rule
                 mass = a.element.mass.value_in_unit(unit.dalton) if trusted else 0.0
                 if mass <= 0:
                     raise ValueError(f"atom {a} (type {atom_type}) has no trustworthy element mass; "
@@ -249,6 +364,13 @@ class LearnedSimulator:
         if box is None and topology.getPeriodicBoxVectors() is not None:
             box = topology.getPeriodicBoxVectors()
         box = None if box is None else _nm(box).reshape(3, 3)
+        if self.periodic and (box is None or not np.any(box)):
+            raise ValueError("this model was trained on periodic systems, but the system has no periodic box: "
+                             "pass box= ([3, 3] nm) or a topology with periodic box vectors")
+        if not self.periodic and box is not None:
+            raise ValueError("this model was trained on non-periodic systems, but the system has a periodic box "
+                             "(box= or the topology's periodic box vectors); pass a topology without box "
+                             "vectors (topology.setPeriodicBoxVectors(None)) to simulate it without one")
         features = self.beadFeatures(mapping)
         cg_positions = mapping.map_positions(positions) * unit.nanometer
         return CGSystem(mapping.to_openmm_topology(box), mapping.to_openmm_system(box), cg_positions, mapping,
@@ -274,6 +396,10 @@ class LearnedSimulator:
         periodicity set). ``score=False`` runs without refinement."""
         from openmm_cgml.integrator import CGMLIntegrator
 
+        if bool(cg.periodic) != self.periodic or (cg.periodic and (cg.box is None or not np.any(cg.box))):
+            raise ValueError(f"this model was trained on {'periodic' if self.periodic else 'non-periodic'} systems "
+                             f"but the CG system is {'periodic' if cg.periodic else 'non-periodic'}; "
+                             "coarse-grain it with this simulator's coarseGrain")
         score_path = self.scorePath if score else None
         integrator = CGMLIntegrator(self.dynamicsPath, score_path)
         integrator.setBeadFeatures(cg.features)
@@ -289,6 +415,6 @@ class LearnedSimulator:
 
     def __repr__(self):
         m = self.manifest
-        return (f"<LearnedSimulator {self.directory} backbone={m['backbone']} seq_len={m['seq_len']} "
+        return (f"<LearnedSimulator {self.directory} backbone={m.get('backbone')} seq_len={m['seq_len']} "
                 f"step={m['step_size_ps']} ps cg_level={m['cg']['cg_level']} "
                 f"score={'yes' if m['files'].get('score') else 'no'}>")

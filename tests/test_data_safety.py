@@ -278,7 +278,10 @@ def test_manifest_is_validated(exported_tiny_model, tmp_path):
              ({"seq_len": "3"}, "seq_len.*int"),
              ({"periodic": "no"}, "periodic.*bool"),
              ({"seq_len": 5}, "seq_len 5.*dynamics.pt.*3"),
-             ({"step_size_ps": 2.0}, "step_size_ps 2.0.*dynamics.pt.*5.0")]
+             ({"step_size_ps": 2.0}, r"step_size_ps 2.0 is not dilation x record_interval_ps"),
+             ({"step_size_ps": 2.0, "record_interval_ps": 2.0}, "step_size_ps 2.0.*dynamics.pt.*5.0"),
+             ({"files": {"dynamics": "dynamics.pt", "score": None, "embedding": 7}}, "files.embedding"),
+             ({"atom_vocabulary": ["B1", "B2"]}, "atom_vocabulary has 2 types.*embedding.pt.*4")]
     for change, message in cases:
         (model / "simulator.json").write_text(original)
         _edit_manifest(model, **change)
