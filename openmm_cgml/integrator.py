@@ -111,21 +111,39 @@ class CGMLIntegrator(openmm.Integrator):
 
     # --- graph inputs ---------------------------------------------------------------------
     def setBeadFeatures(self, features) -> None:
-        """Per-bead features ``[N, F]`` (embedding ++ mass, as the models were trained)."""
-        features = np.asarray(features, dtype=np.float32)
+        """Per-bead features ``[N, F]`` (embedding ++ mass, as the models were trained).
+
+        ``N`` must be the System's particle count, and ``F`` the width the models declare
+        (their ``num_features`` attribute) when they declare one."""
+        features = np.asarray(features)
+        if features.dtype.kind not in "fiu":
+            raise ValueError(f"bead features must be numbers (a float array [beads, features]), "
+                             f"got dtype {features.dtype}")
         if features.ndim != 2:
             raise ValueError(f"bead features must be a 2-D array [beads, features], got shape {features.shape}")
-        self._impl.setBeadFeatures(features)
+        self._impl.setBeadFeatures(features.astype(np.float32))
 
     def getBeadFeatures(self) -> np.ndarray:
         return self._impl.getBeadFeatures()
 
     def setBonds(self, bonds) -> None:
-        """CG bonds ``[E, 2]`` (bead indices, each bond once)."""
+        """CG bonds ``[E, 2]``: one row per bond (bead i, bead j), each bond once; ``E`` may
+        be 0. Integer (or integer-valued) bead indices, in range of the System. A ``[2, E]``
+        edge index must be transposed first: it is refused, not reinterpreted."""
         bonds = np.asarray(bonds)
-        if bonds.size and not np.issubdtype(bonds.dtype, np.integer):
+        if bonds.size == 0 and bonds.ndim == 1:  # [] : no bonds
+            bonds = np.zeros((0, 2), np.int64)
+        if bonds.dtype.kind == "b" or bonds.dtype.kind not in "fiu":
             raise ValueError(f"bonds must be integer bead indices, got dtype {bonds.dtype}")
-        self._impl.setBonds(bonds.astype(np.int64).reshape(-1, 2) if bonds.size else np.zeros((0, 2), np.int64))
+        if bonds.ndim != 2 or bonds.shape[1] != 2:
+            raise ValueError(f"bonds must have shape [E, 2] (one row per bond), got {bonds.shape}")
+        if bonds.dtype.kind == "f" and not np.all(np.isfinite(bonds) & (bonds == np.round(bonds))):
+            raise ValueError("bonds must be integer bead indices, got non-integer values")
+        if bonds.size and bonds.min() < 0:
+            raise ValueError(f"bonds must be bead indices >= 0, got a negative index {bonds.min()}")
+        if bonds.size and bonds.max() >= 2**31:
+            raise ValueError(f"bond index {bonds.max()} is out of range for any OpenMM System")
+        self._impl.setBonds(bonds.astype(np.int64))
 
     def getBonds(self) -> np.ndarray:
         return self._impl.getBonds()

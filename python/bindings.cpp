@@ -71,9 +71,16 @@ PYBIND11_MODULE(_cgml, m) {
                  return out;
              })
         .def("setBonds",
-             [](CGMLIntegrator& self, IndexArray pairs) {
-                 if (!(pairs.ndim() == 2 && pairs.shape(1) == 2) && !(pairs.ndim() == 1 && pairs.size() == 0))
-                     throw std::invalid_argument("bonds must be an [E, 2] array of bead indices");
+             [](CGMLIntegrator& self, py::array raw) {
+                 // no silent casts: a float or [2, E] array would become wrong pairs
+                 const char kind = raw.dtype().kind();
+                 if (kind != 'i' && kind != 'u')
+                     throw std::invalid_argument("bonds must be an integer array of bead indices");
+                 if (raw.ndim() != 2 || raw.shape(1) != 2)
+                     throw std::invalid_argument("bonds must have shape [E, 2]");
+                 IndexArray pairs = IndexArray::ensure(raw);
+                 if (!pairs)
+                     throw py::error_already_set();
                  self.setBonds(std::vector<long long>(pairs.data(), pairs.data() + pairs.size()));
              })
         .def("getBonds",
@@ -93,8 +100,12 @@ PYBIND11_MODULE(_cgml, m) {
              [](const CGMLIntegrator& self) -> py::object {
                  if (!self.hasHistory())
                      return py::none();
+                 // shaped from the history itself, never from seq_len: the copy cannot overrun
                  std::vector<double> values = self.getHistory();
-                 DoubleArray out({(py::ssize_t) self.getSequenceLength(), (py::ssize_t) self.getHistoryBeads(), (py::ssize_t) 3});
+                 const py::ssize_t frames = self.getHistoryFrames(), beads = self.getHistoryBeads();
+                 if ((size_t) (frames * beads * 3) != values.size())
+                     throw std::runtime_error("CGMLIntegrator: inconsistent history sizes");
+                 DoubleArray out({frames, beads, (py::ssize_t) 3});
                  std::copy(values.begin(), values.end(), out.mutable_data());
                  return std::move(out);
              })

@@ -519,3 +519,241 @@ def test_step_size_must_match_the_model_unless_overridden(harmonic):
 def test_step_before_context_is_an_error(harmonic):
     with pytest.raises(openmm.OpenMMException, match="not bound to a context"):
         CGMLIntegrator(harmonic).step(1)
+
+
+# --- issue 10: restore, XML and input validation ---------------------------------------------
+import torch  # noqa: E402  (the models below are scripted from this module)
+
+
+class WidthDynamics(HarmonicDynamics):
+    """A harmonic model that declares the bead-feature width it expects (``num_features``),
+    as openmm_cgml's exported models do."""
+
+    def __init__(self, num_features: int = 7):
+        super().__init__()
+        self.num_features = num_features
+
+
+class NegativeStdDynamics(HarmonicDynamics):
+    def forward(self, history, box, features, bonds):
+        x = history[-1]
+        return torch.zeros_like(x), -torch.ones_like(x), torch.zeros_like(x)
+
+
+class TakesSevenFeatures(HarmonicDynamics):
+    """Needs 7 feature columns but does not say so: fails inside TorchScript otherwise."""
+
+    def forward(self, history, box, features, bonds):
+        x = history[-1]
+        return features @ torch.ones(7, 3), torch.zeros_like(x), torch.zeros_like(x)
+
+
+def checkpoint_of(tmp_path, seq_len, n=4, steps=2, name="c"):
+    integrator = CGMLIntegrator(save(HarmonicDynamics(k=0.1, seq_len=seq_len), tmp_path / f"{name}{seq_len}.pt"))
+    sim = simulation(integrator, n=n)
+    sim.step(steps)
+    return sim.context.createCheckpoint()
+
+
+@pytest.mark.parametrize("written,loaded", [(3, 5), (5, 3)])
+def test_checkpoint_from_another_seq_len_is_refused_and_state_kept(tmp_path, written, loaded):
+    checkpoint = checkpoint_of(tmp_path, written)
+    integrator = CGMLIntegrator(save(HarmonicDynamics(k=0.1, seq_len=loaded), tmp_path / "other.pt"))
+    sim = simulation(integrator, n=4)
+    sim.step(1)
+    before = integrator.getHistory().value_in_unit(unit.nanometer)
+    with pytest.raises(openmm.OpenMMException,
+                       match=f"history has {written} frames but the dynamics model's seq_len is {loaded}"):
+        sim.context.loadCheckpoint(checkpoint)
+    after = integrator.getHistory().value_in_unit(unit.nanometer)
+    assert after.shape == (loaded, 4, 3)
+    np.testing.assert_array_equal(after, before)
+
+
+def test_truncated_checkpoint_is_refused_and_state_kept(tmp_path):
+    checkpoint = checkpoint_of(tmp_path, 3)
+    integrator = CGMLIntegrator(save(HarmonicDynamics(k=0.1, seq_len=3), tmp_path / "same.pt"))
+    sim = simulation(integrator, n=4)
+    sim.step(1)
+    before = integrator.getHistory().value_in_unit(unit.nanometer)
+    start = checkpoint.find(b"CGMLCKP1")
+    assert start > 0
+    for cut in (start + 4, start + 12, start + 30, start + 200, len(checkpoint) - 1):
+        with pytest.raises(openmm.OpenMMException, match="CGMLIntegrator checkpoint"):
+            sim.context.loadCheckpoint(checkpoint[:cut])
+        np.testing.assert_array_equal(integrator.getHistory().value_in_unit(unit.nanometer), before)
+
+
+def test_history_sizes_larger_than_the_checkpoint_are_refused(tmp_path):
+    checkpoint = bytearray(checkpoint_of(tmp_path, 3))
+    sizes = checkpoint.find(b"CGMLCKP1") + 8 + 1 + 8  # magic, has-history flag, dims
+    integrator = CGMLIntegrator(save(HarmonicDynamics(k=0.1, seq_len=3), tmp_path / "same.pt"))
+    sim = simulation(integrator, n=4)
+    # beads = 2^40: must be refused before anything that large is allocated
+    checkpoint[sizes + 8:sizes + 16] = (1 << 40).to_bytes(8, "little")
+    with pytest.raises(openmm.OpenMMException, match="history has 1099511627776 beads"):
+        sim.context.loadCheckpoint(bytes(checkpoint))
+    assert integrator.getHistory() is None
+
+
+def xml_with(xml: str, element: str, data: bytes) -> str:
+    import base64
+    import re
+
+    return re.sub(rf'(<{element}\b[^>]*\bbase64=")[^"]*(")', lambda m: m.group(1) + base64.b64encode(data).decode()
+                  + m.group(2), xml, count=1)
+
+
+def test_xml_with_partial_elements_or_bad_base64_is_refused(tmp_path):
+    integrator = CGMLIntegrator(save(HarmonicDynamics(k=0.1), tmp_path / "d.pt"))
+    integrator.setBeadFeatures(np.ones((4, 2)))
+    integrator.setBonds([[0, 1], [2, 3]])
+    xml = openmm.XmlSerializer.serialize(integrator)
+    feature_bytes = np.ones((4, 2), np.float32).tobytes()
+    bond_bytes = np.array([[0, 1], [2, 3]], np.int64).tobytes()
+    cases = [("BeadFeatures", b"abc", "BeadFeatures .*3 bytes"),
+             ("BeadFeatures", feature_bytes + b"\0", "BeadFeatures .*33 bytes"),
+             ("BeadFeatures", feature_bytes[:-4], "BeadFeatures .*28 bytes"),
+             ("Bonds", b"1234567", "Bonds .*7 bytes"),
+             ("Bonds", bond_bytes + b"\0\0\0", "Bonds .*35 bytes")]
+    for element, data, match in cases:
+        bad = xml_with(xml, element, data)
+        for load in (openmm.XmlSerializer.deserialize, CGMLIntegrator.deserialize):
+            with pytest.raises(Exception, match=match):
+                load(bad)
+    bad = xml.replace('<Bonds base64="', '<Bonds base64="!!!!', 1)
+    with pytest.raises(Exception, match="Bonds.*base64"):
+        CGMLIntegrator.deserialize(bad)
+    # a valid round trip still works
+    np.testing.assert_array_equal(CGMLIntegrator.deserialize(xml).getBonds(), [[0, 1], [2, 3]])
+
+
+@pytest.mark.parametrize("value", ["-0.5", "0", "inf", "nan"])
+def test_xml_step_size_must_be_positive_and_finite(tmp_path, value):
+    import re
+
+    xml = openmm.XmlSerializer.serialize(CGMLIntegrator(save(HarmonicDynamics(k=0.1), tmp_path / "d.pt")))
+    bad = re.sub(r'stepSize="[^"]*"', f'stepSize="{value}"', xml, count=1)
+    assert bad != xml
+    with pytest.raises(Exception, match="stepSize"):
+        CGMLIntegrator.deserialize(bad)
+
+
+def test_bonds_must_be_e_by_2_integer_pairs(harmonic):
+    integrator = CGMLIntegrator(harmonic)
+    shape = r"bonds must have shape \[E, 2\].*got "
+    with pytest.raises(ValueError, match=shape + r"\(2, 3\)"):
+        integrator.setBonds(np.array([[0, 1, 2], [1, 2, 3]]))  # a [2, E] edge index
+    with pytest.raises(ValueError, match=shape + r"\(4, 3\)"):
+        integrator.setBonds(np.arange(12).reshape(4, 3))  # an [E, 3] array
+    with pytest.raises(ValueError, match=shape + r"\(4,\)"):
+        integrator.setBonds([0, 1, 1, 2])
+    with pytest.raises(ValueError, match=shape + r"\(0, 3\)"):
+        integrator.setBonds(np.zeros((0, 3), np.int64))
+    # the pybind11 layer refuses the same, for callers that bypass the Python face
+    with pytest.raises(ValueError, match=r"shape \[E, 2\]"):
+        integrator._impl.setBonds(np.array([[0, 1, 2], [1, 2, 3]]))
+    with pytest.raises(ValueError, match="integer"):
+        integrator._impl.setBonds(np.array([[0.5, 1.0]]))
+    with pytest.raises(ValueError, match="integer"):
+        integrator.setBonds([[0, 1.5]])
+    with pytest.raises(ValueError, match="integer"):
+        integrator.setBonds([["a", "b"]])
+    with pytest.raises(ValueError, match="negative"):
+        integrator.setBonds([[0, -1]])
+    integrator.setBonds(np.array([[0.0, 1.0]]))  # integer-valued floats are fine
+    np.testing.assert_array_equal(integrator.getBonds(), [[0, 1]])
+    for empty in ([], np.zeros((0, 2), np.int64)):
+        integrator.setBonds(empty)
+        assert integrator.getBonds().shape == (0, 2)
+
+
+def test_bead_features_must_be_2d_float_of_the_models_width(tmp_path):
+    integrator = CGMLIntegrator(save(WidthDynamics(num_features=7), tmp_path / "w.pt"))
+    with pytest.raises(ValueError, match="bead features have 5 columns, the dynamics model expects 7"):
+        integrator.setBeadFeatures(np.zeros((4, 5)))
+    with pytest.raises(ValueError, match=r"2-D .*got shape \(4, 7, 1\)"):
+        integrator.setBeadFeatures(np.zeros((4, 7, 1)))
+    with pytest.raises(ValueError, match="numbers"):
+        integrator.setBeadFeatures(np.array([["a"] * 7] * 4))
+    integrator.setBeadFeatures(np.zeros((4, 7)))
+    # no features at all while the model expects 7: refused when the Context is made
+    topology, system = make_system(4)
+    fresh = CGMLIntegrator(save(WidthDynamics(num_features=7), tmp_path / "w2.pt"))
+    with pytest.raises(openmm.OpenMMException, match="dynamics model expects 7 feature columns"):
+        openmm.Context(system, fresh, openmm.Platform.getPlatformByName("Reference"))
+
+
+def test_feature_width_error_without_declared_width_names_the_widths(tmp_path):
+    integrator = CGMLIntegrator(save(TakesSevenFeatures(), tmp_path / "t7.pt"))
+    integrator.setBeadFeatures(np.zeros((4, 5)))
+    sim = simulation(integrator, n=4)
+    with pytest.raises(openmm.OpenMMException, match=r"bead features \[4, 5\]"):
+        sim.step(1)
+
+
+def particle_system(kind):
+    topology, system = make_system(3)
+    if kind == "constraint":
+        system.addConstraint(0, 1, 0.1)
+    elif kind == "massless":
+        system.setParticleMass(2, 0.0)
+    elif kind == "virtual site":
+        system.setParticleMass(2, 0.0)
+        system.setVirtualSite(2, openmm.TwoParticleAverageSite(0, 1, 0.5, 0.5))
+    return system
+
+
+@pytest.mark.parametrize("kind,match", [("constraint", "1 constraint"), ("massless", "particle 2 has zero mass"),
+                                        ("virtual site", "particle 2 is a virtual site")])
+def test_systems_the_learned_step_cannot_honour_are_refused(harmonic, kind, match):
+    with pytest.raises(openmm.OpenMMException, match=match):
+        openmm.Context(particle_system(kind), CGMLIntegrator(harmonic), openmm.Platform.getPlatformByName("Reference"))
+
+
+def test_negative_std_from_the_model_is_refused(tmp_path):
+    sim = simulation(CGMLIntegrator(save(NegativeStdDynamics(), tmp_path / "neg.pt")), n=3)
+    x0, _ = state_arrays(sim.context)
+    with pytest.raises(openmm.OpenMMException, match="step 1: the dynamics model's std is negative"):
+        sim.step(1)
+    np.testing.assert_array_equal(state_arrays(sim.context)[0], x0)
+
+
+@pytest.mark.parametrize("step_size", [float("inf"), float("nan"), 0.0, -1.0])
+def test_model_step_size_must_be_positive_and_finite(tmp_path, step_size):
+    path = save(HarmonicDynamics(step_size_ps=step_size), tmp_path / "s.pt")
+    with pytest.raises(ValueError, match="step_size_ps must be positive and finite"):
+        CGMLIntegrator(path)
+
+
+def test_step_size_override_must_be_finite(harmonic):
+    integrator = CGMLIntegrator(harmonic, allowStepSizeOverride=True)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(Exception, match="positive and finite"):
+            integrator.setStepSize(bad)
+    assert integrator.getStepSize() == 0.5 * unit.picosecond
+
+
+@pytest.mark.parametrize("seq_len", [0, -3, 10001, 2**31 - 1])
+def test_absurd_seq_len_is_refused(tmp_path, seq_len):
+    path = save(HarmonicDynamics(seq_len=seq_len), tmp_path / "q.pt")
+    with pytest.raises(ValueError, match=r"seq_len must be in \[1, 10000\]"):
+        CGMLIntegrator(path)
+
+
+def test_forced_pbc_needs_a_box_that_was_set(tmp_path):
+    echo = save(InputEcho(), tmp_path / "echo.pt")
+    integrator = CGMLIntegrator(echo)
+    integrator.setUsesPeriodicBoundaryConditions(True)
+    topology, system = make_system(3)  # no box set: OpenMM's default 2 nm cube
+    with pytest.raises(openmm.OpenMMException, match="periodic boundary conditions .* no periodic box"):
+        openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    # the LearnedSimulator way: a CG System with its box set, PBC forced on the integrator
+    sim = simulation(integrator, n=3, box_nm=2.5, positions=np.zeros((3, 3)))
+    sim.step(1)
+    np.testing.assert_allclose(state_arrays(sim.context)[0][:, 2], 2.5e-3, rtol=1e-6)
+    # following the System (the default) or forcing PBC off needs no box
+    for mode in (None, False):
+        other = CGMLIntegrator(echo)
+        other.setUsesPeriodicBoundaryConditions(mode)
+        openmm.Context(make_system(3)[1], other, openmm.Platform.getPlatformByName("Reference"))

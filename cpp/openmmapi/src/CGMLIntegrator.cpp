@@ -59,8 +59,11 @@ int CGMLIntegrator::getSequenceLength() const {
 }
 
 void CGMLIntegrator::checkStepSize(double size) const {
-    if (!(size > 0))
-        throw std::invalid_argument("the step size must be positive");
+    if (!(size > 0) || !std::isfinite(size)) {
+        std::ostringstream msg;
+        msg << "the step size must be positive and finite, got " << size;
+        throw std::invalid_argument(msg.str());
+    }
     double model = learnedStep->getModelStepSize();
     if (!allowStepSizeOverride && std::abs(size - model) > 1e-9 * model) {
         std::ostringstream msg;
@@ -88,6 +91,37 @@ void CGMLIntegrator::checkParticleCount(int numParticles) const {
                               " beads but the System has " + std::to_string(numParticles) + " particles");
 }
 
+void CGMLIntegrator::checkSystem(const System& system) const {
+    // The learned step moves every particle by the model's prediction: it has no way to
+    // keep constraints, to place virtual sites, or to hold massless (fixed) particles still.
+    if (system.getNumConstraints() > 0)
+        throw OpenMMException("CGMLIntegrator: the System has " + std::to_string(system.getNumConstraints()) +
+                              " constraint(s); the learned step cannot honour constraints (remove them from the CG System)");
+    for (int i = 0; i < system.getNumParticles(); i++) {
+        if (system.isVirtualSite(i))
+            throw OpenMMException("CGMLIntegrator: particle " + std::to_string(i) +
+                                  " is a virtual site; the learned step cannot place virtual sites (every particle must be a bead)");
+        if (system.getParticleMass(i) == 0.0)
+            throw OpenMMException("CGMLIntegrator: particle " + std::to_string(i) +
+                                  " has zero mass; massless (fixed) particles would be moved by the learned step");
+    }
+    const int expected = learnedStep->getExpectedFeatures();
+    if (expected > 0 && featureRows == 0)
+        throw OpenMMException("CGMLIntegrator: the dynamics model expects " + std::to_string(expected) +
+                              " feature columns per bead but no bead features were set (call setBeadFeatures)");
+    if (periodicMode == 1 && !system.usesPeriodicBoundaryConditions()) {
+        // OpenMM gives every System a 2 nm cube until setDefaultPeriodicBoxVectors is called;
+        // forcing PBC on such a System would hand the models a box nobody chose.
+        Vec3 a, b, c;
+        system.getDefaultPeriodicBoxVectors(a, b, c);
+        if (a == Vec3(2, 0, 0) && b == Vec3(0, 2, 0) && c == Vec3(0, 0, 2))
+            throw OpenMMException("CGMLIntegrator: periodic boundary conditions were forced on (periodic mode 1) but the "
+                                  "System has no periodic box of its own: its default box is still OpenMM's placeholder "
+                                  "2 nm cube, which the models would take as the real box. Set it with "
+                                  "System.setDefaultPeriodicBoxVectors (or do not force periodic boundary conditions)");
+    }
+}
+
 void CGMLIntegrator::setBeadFeatures(const std::vector<float>& values, int numBeads, int numFeatures) {
     if (numBeads < 0 || numFeatures < 0 || (size_t) numBeads * numFeatures != values.size())
         throw std::invalid_argument("bead features must be a [beads, features] array");
@@ -96,6 +130,10 @@ void CGMLIntegrator::setBeadFeatures(const std::vector<float>& values, int numBe
     if (context != NULL && numBeads != context->getSystem().getNumParticles())
         throw std::invalid_argument("bead features have " + std::to_string(numBeads) + " rows but the System has " +
                                     std::to_string(context->getSystem().getNumParticles()) + " particles");
+    const int expected = learnedStep->getExpectedFeatures();
+    if (expected >= 0 && numFeatures != expected && !(numBeads == 0 && numFeatures == 0))
+        throw std::invalid_argument("bead features have " + std::to_string(numFeatures) + " columns, the dynamics model expects " +
+                                    std::to_string(expected) + " (its num_features)");
     features = values;
     featureRows = numBeads;
     this->numFeatures = numFeatures;
@@ -139,6 +177,10 @@ bool CGMLIntegrator::synchronizeHistory(const torch::Tensor& positions, const to
     if (!learnedStep->matchesHistory(positions, velocities, getStepSize()))
         learnedStep->rebuildHistory(positions, velocities, getStepSize());
     return false;
+}
+
+int CGMLIntegrator::getHistoryFrames() const {
+    return hasHistory() ? (int) learnedStep->getHistory().size(0) : 0;
 }
 
 std::vector<double> CGMLIntegrator::getHistory() const {
@@ -190,10 +232,13 @@ void CGMLIntegrator::initialize(ContextImpl& contextRef) {
     if (owner != NULL && &contextRef.getOwner() != owner)
         throw OpenMMException("This Integrator is already bound to a context");
     const System& system = contextRef.getSystem();
+    checkSystem(system);
     checkParticleCount(system.getNumParticles());
     context = &contextRef;
     owner = &contextRef.getOwner();
     periodic = periodicMode == -1 ? system.usesPeriodicBoundaryConditions() : periodicMode == 1;
+    if (featureRows == 0)  // no features set: [N, 0], as the contract's [N, F] with F = 0
+        learnedStep->setFeatures(torch::zeros({(int64_t) system.getNumParticles(), 0}, torch::kFloat32));
     kernel = context->getPlatform().createKernel(IntegrateCGMLStepKernel::Name(), contextRef);
     kernel.getAs<IntegrateCGMLStepKernel>().initialize(system, *this);
     if (needsSeeding) {
@@ -234,7 +279,9 @@ void CGMLIntegrator::loadCheckpoint(std::istream& stream) {
 }
 
 void CGMLIntegrator::restoreState(std::istream& stream) {
-    learnedStep->readState(stream);
+    // The bead count the history must have: the bound System's, else that of the features.
+    int64_t beads = context != NULL ? context->getSystem().getNumParticles() : (featureRows > 0 ? featureRows : -1);
+    learnedStep->readState(stream, beads);  // validates everything before changing anything
     pendingHistory = false;
     needsSeeding = false;
 }

@@ -1,7 +1,10 @@
 #include "openmm_cgml/internal/LearnedStep.h"
 #include "openmm/OpenMMException.h"
 #include <ATen/CPUGeneratorImpl.h>
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <istream>
 #include <ostream>
 #include <sstream>
@@ -50,6 +53,22 @@ double requireDouble(const torch::jit::Module& module, const std::string& what, 
     throw std::invalid_argument("the " + what + " model's attribute '" + name + "' must be a float");
 }
 
+/** The optional contract attribute num_features (bead-feature width F), or -1 if absent. */
+int optionalFeatureWidth(const torch::jit::Module& module, const std::string& what) {
+    if (!module.hasattr("num_features"))
+        return -1;
+    torch::IValue value = module.attr("num_features");
+    if (!value.isInt() || value.toInt() < 0 || value.toInt() > std::numeric_limits<int>::max())
+        throw std::invalid_argument("the " + what + " model's attribute 'num_features' must be an int >= 0");
+    return (int) value.toInt();
+}
+
+std::string sizesOf(const torch::Tensor& t) {
+    std::ostringstream s;
+    s << t.sizes();
+    return s.str();
+}
+
 std::string shapeOf(const torch::Tensor& t) {
     std::ostringstream s;
     s << t.sizes() << " " << t.scalar_type();
@@ -84,18 +103,73 @@ void writeTensor(std::ostream& stream, const torch::Tensor& t) {
     stream.write((const char*) c.data_ptr(), c.nbytes());
 }
 
-torch::Tensor readTensor(std::istream& stream, torch::ScalarType type) {
-    int64_t dims;
-    stream.read((char*) &dims, sizeof(dims));
-    if (!stream || dims < 0 || dims > 8)
-        throw OpenMMException("CGMLIntegrator checkpoint is corrupt");
-    std::vector<int64_t> sizes(dims);
-    for (auto& size : sizes)
-        stream.read((char*) &size, sizeof(size));
-    torch::Tensor t = torch::empty(sizes, torch::TensorOptions().dtype(type));
-    stream.read((char*) t.data_ptr(), t.nbytes());
+const std::string corrupt = "CGMLIntegrator checkpoint is corrupt: ";
+const std::string truncated = "CGMLIntegrator checkpoint is truncated: ";
+
+/** Bytes left in a seekable stream, or -1 if the stream cannot tell. */
+int64_t remainingBytes(std::istream& stream) {
+    std::streampos here = stream.tellg();
+    if (here == std::streampos(-1))
+        return -1;
+    stream.seekg(0, std::ios::end);
+    std::streampos end = stream.tellg();
+    stream.seekg(here);
+    if (end == std::streampos(-1) || !stream)
+        return -1;
+    return (int64_t) (end - here);
+}
+
+int64_t readInt64(std::istream& stream, const std::string& what) {
+    int64_t value = 0;
+    stream.read((char*) &value, sizeof(value));
     if (!stream)
-        throw OpenMMException("CGMLIntegrator checkpoint is truncated");
+        throw OpenMMException(truncated + "it ends inside " + what);
+    return value;
+}
+
+/**
+ * Read a tensor written by writeTensor whose shape must be `expected` (entries < 0 accept
+ * any size). Sizes are checked before anything is allocated, and never more bytes are
+ * allocated than the stream has left (read in bounded chunks if the stream cannot tell).
+ * `describe(i, size, wanted)` gives the message for a size that does not match.
+ */
+template <class Describe>
+torch::Tensor readTensor(std::istream& stream, torch::ScalarType type, const std::vector<int64_t>& expected,
+                         const std::string& what, Describe describe) {
+    int64_t dims = readInt64(stream, "the " + what + "'s header");
+    if (dims != (int64_t) expected.size())
+        throw OpenMMException(corrupt + "the " + what + " has " + std::to_string(dims) + " dimensions, expected " +
+                              std::to_string(expected.size()));
+    std::vector<int64_t> sizes(dims);
+    const int64_t elementSize = (int64_t) c10::elementSize(type);
+    const int64_t limit = std::numeric_limits<int64_t>::max() / elementSize;
+    int64_t count = 1;
+    for (int64_t i = 0; i < dims; i++) {
+        sizes[i] = readInt64(stream, "the " + what + "'s sizes");
+        if (sizes[i] < 0 || (expected[i] >= 0 && sizes[i] != expected[i]))
+            throw OpenMMException(describe(i, sizes[i], expected[i]));
+        if (sizes[i] > 0 && count > limit / sizes[i])
+            throw OpenMMException(corrupt + "the " + what + "'s sizes overflow");
+        count *= sizes[i];
+    }
+    const int64_t bytes = count * elementSize;
+    const int64_t left = remainingBytes(stream);
+    if (left >= 0 && bytes > left)
+        throw OpenMMException(truncated + "the " + what + " needs " + std::to_string(bytes) + " bytes but only " +
+                              std::to_string(left) + " remain");
+    std::string data;
+    const int64_t chunk = 1 << 20;
+    while ((int64_t) data.size() < bytes) {
+        size_t start = data.size();
+        size_t want = (size_t) std::min(chunk, bytes - (int64_t) start);
+        data.resize(start + want);
+        stream.read(&data[start], want);
+        if (!stream)
+            throw OpenMMException(truncated + "it ends inside the " + what);
+    }
+    torch::Tensor t = torch::empty(sizes, torch::TensorOptions().dtype(type));
+    if (bytes > 0)
+        std::memcpy(t.data_ptr(), data.data(), bytes);
     return t;
 }
 
@@ -104,15 +178,20 @@ const char checkpointMagic[8] = {'C', 'G', 'M', 'L', 'C', 'K', 'P', '1'};
 } // namespace
 
 LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& scoreBytes)
-    : hasScore(!scoreBytes.empty()), defaultLangevinSteps(0), defaultLangevinStepSize(0.0),
+    : hasScore(!scoreBytes.empty()), defaultLangevinSteps(0), defaultLangevinStepSize(0.0), expectedFeatures(-1),
       generator(at::make_generator<at::CPUGeneratorImpl>(0)) {
     dynamics = loadArchive(dynamicsBytes, "dynamics");
     seqLen = requireInt(dynamics, "dynamics", "seq_len");
     modelStepSize = requireDouble(dynamics, "dynamics", "step_size_ps");
-    if (seqLen < 1)
-        throw std::invalid_argument("the dynamics model's seq_len must be >= 1, got " + std::to_string(seqLen));
-    if (!(modelStepSize > 0))
-        throw std::invalid_argument("the dynamics model's step_size_ps must be > 0");
+    if (seqLen < 1 || seqLen > maxSequenceLength)
+        throw std::invalid_argument("the dynamics model's seq_len must be in [1, " + std::to_string(maxSequenceLength) +
+                                    "], got " + std::to_string(seqLen));
+    if (!(modelStepSize > 0) || !std::isfinite(modelStepSize)) {
+        std::ostringstream msg;
+        msg << "the dynamics model's step_size_ps must be positive and finite, got " << modelStepSize;
+        throw std::invalid_argument(msg.str());
+    }
+    expectedFeatures = optionalFeatureWidth(dynamics, "dynamics");
     if (!dynamics.find_method("forward"))
         throw std::invalid_argument("the dynamics model has no forward method");
     if (hasScore) {
@@ -127,6 +206,12 @@ LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& sc
         defaultLangevinStepSize = requireDouble(score, "score", "langevin_step_size");
         if (!score.find_method("forward"))
             throw std::invalid_argument("the score model has no forward method");
+        int scoreFeatures = optionalFeatureWidth(score, "score");
+        if (scoreFeatures >= 0 && expectedFeatures >= 0 && scoreFeatures != expectedFeatures)
+            throw std::invalid_argument("the dynamics model expects " + std::to_string(expectedFeatures) +
+                                        " bead-feature columns but the score model expects " + std::to_string(scoreFeatures));
+        if (expectedFeatures < 0)
+            expectedFeatures = scoreFeatures;
     }
     else
         sigmas = torch::empty({0}, torch::kFloat32);
@@ -186,8 +271,10 @@ torch::Tensor LearnedStep::runDynamics(const torch::Tensor& history32, const tor
     }
     catch (const std::exception& e) {
         const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
-        throw OpenMMException("step " + std::to_string(stepNumber) + ": the dynamics model failed: " +
-                              (ce ? ce->what_without_backtrace() : e.what()));
+        throw OpenMMException("step " + std::to_string(stepNumber) + ": the dynamics model failed (inputs: history " +
+                              sizesOf(history32) + ", bead features " + sizesOf(features) + ", bonds " + sizesOf(bonds) +
+                              (expectedFeatures >= 0 ? ", the model declares num_features = " + std::to_string(expectedFeatures) : "") +
+                              "): " + (ce ? ce->what_without_backtrace() : e.what()));
     }
     if (!output.isTuple() || output.toTupleRef().elements().size() != 3)
         throw OpenMMException("step " + std::to_string(stepNumber) +
@@ -203,6 +290,12 @@ torch::Tensor LearnedStep::runDynamics(const torch::Tensor& history32, const tor
     requireTensor(mean, {n, 3}, "dynamics model's mean", stepNumber);
     requireTensor(stdOut, {n, 3}, "dynamics model's std", stepNumber);
     requireTensor(latentOut, {n, -1}, "dynamics model's latent", stepNumber);
+    if ((stdOut < 0).any().item<bool>()) {
+        std::ostringstream msg;
+        msg << "step " << stepNumber << ": the dynamics model's std is negative (min " << stdOut.min().item<double>()
+            << "); the TorchScript contract requires std >= 0; the context keeps its last good state";
+        throw OpenMMException(msg.str());
+    }
     return mean;
 }
 
@@ -214,8 +307,9 @@ torch::Tensor LearnedStep::runScore(const torch::Tensor& x, const torch::Tensor&
     }
     catch (const std::exception& e) {
         const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
-        throw OpenMMException("step " + std::to_string(stepNumber) + ": the score model failed: " +
-                              (ce ? ce->what_without_backtrace() : e.what()));
+        throw OpenMMException("step " + std::to_string(stepNumber) + ": the score model failed (inputs: x " +
+                              sizesOf(x) + ", latent " + sizesOf(latent) + ", bead features " + sizesOf(features) +
+                              ", bonds " + sizesOf(bonds) + "): " + (ce ? ce->what_without_backtrace() : e.what()));
     }
     if (!output.isTensor())
         throw OpenMMException("step " + std::to_string(stepNumber) + ": the score model must return a tensor");
@@ -276,15 +370,50 @@ void LearnedStep::writeState(std::ostream& stream) const {
     writeTensor(stream, generator.get_state());
 }
 
-void LearnedStep::readState(std::istream& stream) {
+void LearnedStep::readState(std::istream& stream, int64_t numBeads) {
     char magic[sizeof(checkpointMagic)];
     stream.read(magic, sizeof(magic));
     if (!stream || std::string(magic, sizeof(magic)) != std::string(checkpointMagic, sizeof(checkpointMagic)))
         throw OpenMMException("CGMLIntegrator checkpoint is corrupt or from another integrator");
     char hasHistory = 0;
     stream.read(&hasHistory, 1);
-    torch::Tensor restored = hasHistory ? readTensor(stream, torch::kFloat64) : torch::Tensor();
-    torch::Tensor rngState = readTensor(stream, torch::kUInt8);
+    if (!stream)
+        throw OpenMMException(truncated + "it ends after the header");
+    if (hasHistory != 0 && hasHistory != 1)
+        throw OpenMMException(corrupt + "bad history flag " + std::to_string((int) hasHistory));
+    torch::Tensor restored;
+    if (hasHistory) {
+        restored = readTensor(stream, torch::kFloat64, {seqLen, numBeads, 3}, "history",
+            [&](int64_t dim, int64_t size, int64_t wanted) -> std::string {
+                const std::string got = std::to_string(size);
+                if (size < 0)
+                    return corrupt + "the history has a negative size " + got;
+                if (dim == 0)
+                    return "CGMLIntegrator checkpoint: the history has " + got + " frames but the dynamics model's seq_len is " +
+                           std::to_string(seqLen) + " (a checkpoint of an integrator with another model?)";
+                if (dim == 1)
+                    return "CGMLIntegrator checkpoint: the history has " + got + " beads but the System has " +
+                           std::to_string(wanted) + " particles";
+                return corrupt + "the history frames have " + got + " coordinates per bead, expected 3";
+            });
+        if (restored.size(1) == 0)
+            throw OpenMMException(corrupt + "the history has no beads");
+        if (!torch::isfinite(restored).all().item<bool>())
+            throw OpenMMException(corrupt + "the history contains NaN or infinite positions");
+    }
+    const int64_t stateSize = generator.get_state().numel();
+    torch::Tensor rngState = readTensor(stream, torch::kUInt8, {stateSize}, "random state",
+        [&](int64_t, int64_t size, int64_t) -> std::string {
+            return corrupt + "the random state has " + std::to_string(size) + " bytes, expected " + std::to_string(stateSize);
+        });
+    at::Generator restoredGenerator = at::make_generator<at::CPUGeneratorImpl>(0);
+    try {
+        restoredGenerator.set_state(rngState);
+    }
+    catch (const c10::Error& e) {
+        throw OpenMMException(corrupt + "invalid random state: " + e.what_without_backtrace());
+    }
+    // all checks passed: only now does the state change
     history = restored;
-    generator.set_state(rngState);
+    generator = restoredGenerator;
 }

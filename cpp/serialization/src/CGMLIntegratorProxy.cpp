@@ -4,6 +4,9 @@
 #include "openmm_cgml/internal/LearnedStep.h"
 #include "openmm/OpenMMException.h"
 #include "openmm/serialization/SerializationNode.h"
+#include <cmath>
+#include <cstring>
+#include <memory>
 #include <mutex>
 #include <sstream>
 
@@ -43,18 +46,45 @@ void CGMLIntegratorProxy::serialize(const void* object, SerializationNode& node)
     node.createChildNode("State").setStringProperty("base64", base64Encode(state.str()));
 }
 
+namespace {
+
+const std::string xmlError = "CGMLIntegrator XML: ";
+
+std::string decodeChild(const SerializationNode& child, const std::string& element) {
+    try {
+        return base64Decode(child.getStringProperty("base64"));
+    }
+    catch (const std::invalid_argument& e) {
+        throw OpenMMException(xmlError + "the base64 of <" + element + "> is invalid: " + e.what());
+    }
+}
+
+std::string decode(const SerializationNode& node, const std::string& element) {
+    return decodeChild(node.getChildNode(element), element);
+}
+
+} // namespace
+
+// The XML is code-like input: it carries TorchScript models. Deserialize only trusted
+// XML. The checks below turn corrupt or inconsistent XML into an OpenMMException.
 void* CGMLIntegratorProxy::deserialize(const SerializationNode& node) const {
     int version = node.getIntProperty("version");
     if (version != formatVersion)
         throw OpenMMException("Unsupported version number for CGMLIntegrator: " + std::to_string(version));
+    double stepSize = node.getDoubleProperty("stepSize");
+    if (!(stepSize > 0) || !std::isfinite(stepSize)) {
+        std::ostringstream msg;
+        msg << xmlError << "stepSize must be positive and finite, got " << stepSize;
+        throw OpenMMException(msg.str());
+    }
     std::string score;
     for (const SerializationNode& child : node.getChildren())
         if (child.getName() == "ScoreModel")
-            score = base64Decode(child.getStringProperty("base64"));
-    CGMLIntegrator* integrator = new CGMLIntegrator(base64Decode(node.getChildNode("DynamicsModel").getStringProperty("base64")),
-                                                    score, node.getDoubleProperty("stepSize"),
-                                                    node.getBoolProperty("allowStepSizeOverride"));
+            score = decodeChild(child, "ScoreModel");
+    std::unique_ptr<CGMLIntegrator> integrator;
     try {
+        integrator.reset(new CGMLIntegrator(decode(node, "DynamicsModel"), score, stepSize,
+                                            node.getBoolProperty("allowStepSizeOverride")));
         integrator->setRandomNumberSeed(node.getIntProperty("randomSeed"));
         integrator->setDeterministic(node.getBoolProperty("deterministic"));
         integrator->setLangevinSteps(node.getIntProperty("langevinSteps"));
@@ -62,23 +92,44 @@ void* CGMLIntegratorProxy::deserialize(const SerializationNode& node) const {
             integrator->setLangevinStepSize(node.getDoubleProperty("langevinStepSize"));
         integrator->setPeriodicMode(node.getIntProperty("periodicMode"));
         integrator->setIntegrationForceGroups(node.getIntProperty("integrationForceGroups"));
+
         const SerializationNode& featureNode = node.getChildNode("BeadFeatures");
-        std::string featureBytes = base64Decode(featureNode.getStringProperty("base64"));
+        std::string featureBytes = decode(node, "BeadFeatures");
+        int rows = featureNode.getIntProperty("rows"), columns = featureNode.getIntProperty("columns");
+        if (featureBytes.size() % sizeof(float) != 0)
+            throw OpenMMException(xmlError + "BeadFeatures holds " + std::to_string(featureBytes.size()) +
+                                  " bytes, not a whole number of float32 values");
+        if (rows < 0 || columns < 0 || (uint64_t) rows * (uint64_t) columns * sizeof(float) != featureBytes.size())
+            throw OpenMMException(xmlError + "BeadFeatures holds " + std::to_string(featureBytes.size()) + " bytes but rows x columns = " +
+                                  std::to_string(rows) + " x " + std::to_string(columns) + " float32 values need " +
+                                  std::to_string((long long) rows * columns * (long long) sizeof(float)));
         std::vector<float> features(featureBytes.size() / sizeof(float));
-        std::copy(featureBytes.begin(), featureBytes.end(), (char*) features.data());
-        integrator->setBeadFeatures(features, featureNode.getIntProperty("rows"), featureNode.getIntProperty("columns"));
-        std::string bondBytes = base64Decode(node.getChildNode("Bonds").getStringProperty("base64"));
+        std::memcpy(features.data(), featureBytes.data(), featureBytes.size());
+        integrator->setBeadFeatures(features, rows, columns);
+
+        std::string bondBytes = decode(node, "Bonds");
+        if (bondBytes.size() % (2 * sizeof(long long)) != 0)
+            throw OpenMMException(xmlError + "Bonds holds " + std::to_string(bondBytes.size()) +
+                                  " bytes, not a whole number of [bead, bead] int64 pairs (16 bytes each)");
         std::vector<long long> bonds(bondBytes.size() / sizeof(long long));
-        std::copy(bondBytes.begin(), bondBytes.end(), (char*) bonds.data());
+        std::memcpy(bonds.data(), bondBytes.data(), bondBytes.size());
         integrator->setBonds(bonds);
-        std::istringstream state(base64Decode(node.getChildNode("State").getStringProperty("base64")));
+
+        std::istringstream state(decode(node, "State"));
         integrator->restoreState(state);
+        if (state.peek() != std::char_traits<char>::eof())
+            throw OpenMMException(xmlError + "State has trailing bytes after the history and random state");
     }
-    catch (...) {
-        delete integrator;
-        throw;
+    catch (const OpenMMException& e) {
+        const std::string what = e.what();
+        if (what.rfind(xmlError, 0) == 0)
+            throw;
+        throw OpenMMException(xmlError + what);
     }
-    return integrator;
+    catch (const std::exception& e) {  // invalid_argument from the setters and the model loader
+        throw OpenMMException(xmlError + e.what());
+    }
+    return integrator.release();
 }
 
 void CGML::registerCGMLSerializationProxies() {

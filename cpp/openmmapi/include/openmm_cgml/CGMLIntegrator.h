@@ -3,6 +3,7 @@
 
 #include "openmm/Integrator.h"
 #include "openmm/Kernel.h"
+#include "openmm/System.h"
 #include <torch/types.h>
 #include <memory>
 #include <string>
@@ -27,6 +28,17 @@ class LearnedStep;
  * no longer match the newest frame (the user set new ones), it is rebuilt the same way.
  * Checkpoints carry the history and the random state; serialization carries the model
  * bytes, the configuration, the history and the random state.
+ *
+ * Trust: integrator XML carries TorchScript models, which are code, and checkpoints are
+ * loaded into such models. Load both only from trusted sources (PyTorch's stance on
+ * pickles). Restoring validates sizes, shapes and lengths so that a corrupt, truncated or
+ * mismatched file raises an OpenMMException instead of crashing, but it does not make an
+ * untrusted file safe.
+ *
+ * Refused with an OpenMMException when a Context is created: Systems with constraints,
+ * virtual sites or massless particles (the learned step moves every particle), a model
+ * that declares num_features > 0 without bead features, and periodic mode 1 on a System
+ * that does not use PBC and whose default box was never set (OpenMM's 2 nm placeholder).
  */
 class CGMLIntegrator : public OpenMM::Integrator {
 public:
@@ -58,7 +70,10 @@ public:
     /** Number of frames the dynamics model reads (its seq_len). */
     int getSequenceLength() const;
 
-    /** Per-bead features, row-major [numBeads, numFeatures] float32. */
+    /**
+     * Per-bead features, row-major [numBeads, numFeatures] float32. If the dynamics (or
+     * score) model declares an int attribute num_features, numFeatures must equal it.
+     */
     void setBeadFeatures(const std::vector<float>& values, int numBeads, int numFeatures);
     const std::vector<float>& getBeadFeatures() const { return features; }
     int getNumFeatures() const { return numFeatures; }
@@ -73,9 +88,10 @@ public:
      * context, its positions and velocities are set from the newest frames.
      */
     void setHistory(const std::vector<double>& frames, int numFrames, int numBeads);
-    /** The current history, flattened [seqLen, numBeads, 3], or empty if none. */
+    /** The current history, flattened [getHistoryFrames(), getHistoryBeads(), 3], or empty if none. */
     std::vector<double> getHistory() const;
     bool hasHistory() const;
+    int getHistoryFrames() const;
     int getHistoryBeads() const;
 
     int getRandomNumberSeed() const { return randomSeed; }
@@ -99,7 +115,12 @@ public:
     void setPeriodicMode(int mode);
     int getPeriodicMode() const { return periodicMode; }
 
-    /** Restore history and random state written by LearnedStep::writeState (checkpoints, XML). */
+    /**
+     * Restore history and random state written by LearnedStep::writeState (checkpoints, XML).
+     * Validated against the model's seq_len and the bound System's particle count (or the
+     * bead features' rows when unbound); on any error it throws OpenMMException and
+     * nothing changes. Load only trusted checkpoints (see the class comment).
+     */
     void restoreState(std::istream& stream);
     /** Access for kernels. */
     LearnedStep& getLearnedStep();
@@ -126,6 +147,7 @@ protected:
 private:
     void checkStepSize(double size) const;
     void checkParticleCount(int numParticles) const;
+    void checkSystem(const OpenMM::System& system) const;
     std::string dynamicsBytes, scoreBytes;
     std::unique_ptr<LearnedStep> learnedStep;
     bool allowStepSizeOverride;

@@ -24,6 +24,9 @@ public:
         double langevinStepSize = 0.0;
     };
 
+    /** Largest seq_len accepted from a model (a sanity bound: the history is [seqLen, N, 3]). */
+    static const int maxSequenceLength = 10000;
+
     LearnedStep(const std::string& dynamicsBytes, const std::string& scoreBytes);
 
     int getSequenceLength() const { return seqLen; }
@@ -31,6 +34,8 @@ public:
     bool hasScoreModel() const { return hasScore; }
     const torch::Tensor& getSigmas() const { return sigmas; }
     int getDefaultLangevinSteps() const { return defaultLangevinSteps; }
+    /** Bead-feature width F the models declare (optional int attribute num_features), or -1. */
+    int getExpectedFeatures() const { return expectedFeatures; }
     double getDefaultLangevinStepSize() const { return defaultLangevinStepSize; }
 
     /** Graph inputs shared by all steps: features [N,F] float32, bonds [E,2] int64, box [3,3]. */
@@ -63,7 +68,18 @@ public:
     void push(const torch::Tensor& x);
 
     void writeState(std::ostream& stream) const;
-    void readState(std::istream& stream);
+    /**
+     * Restore what writeState wrote. Everything is validated before anything changes: the
+     * history must be [seqLen, numBeads, 3] (numBeads < 0: any count the stream can hold)
+     * with finite values, the random state must have this generator's size, and no size
+     * may claim more bytes than the stream has left. Throws OpenMMException otherwise and
+     * leaves the history and the random state as they were.
+     *
+     * These bytes come from checkpoints and integrator XML, which also carry TorchScript
+     * models (code): load them only from trusted sources. The checks guard against
+     * corruption and mismatched files, not against a malicious author.
+     */
+    void readState(std::istream& stream, int64_t numBeads = -1);
 
 private:
     torch::Tensor runDynamics(const torch::Tensor& history32, const torch::Tensor& box, long long stepNumber,
@@ -79,6 +95,7 @@ private:
     torch::Tensor sigmas;  // float32 [L]
     int defaultLangevinSteps;
     double defaultLangevinStepSize;
+    int expectedFeatures;
     torch::Tensor features, bonds, history;
     at::Generator generator;
 };
