@@ -19,12 +19,16 @@ Export refuses (:class:`openmm_cgml.models.ExportError`) a model that does not c
 to TorchScript, uses custom ops (torch.ops outside aten/prim, e.g. torchmd-net 3.x's
 warp kernels) or whose archive does not reproduce the in-process outputs in a fresh
 process.
+
+The package is built in a sibling directory and moved into place only when complete and
+verified: a failed or killed export leaves the previous model in the directory intact.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,9 @@ MANIFEST = "simulator.json"
 MANIFEST_FORMAT = "openmm-cgml-simulator/1"
 EMBEDDING_FILE = "embedding.pt"
 EMBEDDING_FORMAT = "openmm-cgml-embedding/1"
+#: the files an export writes (other files in an existing model directory are carried over)
+MODEL_FILES = ("dynamics.pt", "score.pt", EMBEDDING_FILE, MANIFEST)
+_TMP_TAG, _OLD_TAG = ".export-tmp-", ".export-old-"
 
 #: how atom types are obtained for a new topology (documented in the manifest)
 ATOM_TYPE_RULE = ("metadata atom_types for generated/imported data (TrajectoryRecord); for an "
@@ -77,28 +84,16 @@ def _example_inputs(dynamics, score, embedding, ckpt: dict[str, Any]):
     return dyn_inputs, score_inputs
 
 
-def export_simulator(embedding, dynamics, score, ckpt: dict[str, Any], out_dir: str | os.PathLike,
-                     verify: bool = True) -> Path:
-    """Write the simulator directory from in-memory models and checkpoint metadata
-    (``ckpt``: a training checkpoint dict; its weights are not used). Returns out_dir."""
-    from openmm_cgml.models import ExportError, export_dynamics, export_models
+def _write_package(embedding, dynamics, score, ckpt: dict[str, Any], out: Path, verify: bool) -> None:
+    """Write the four model files into the (new, empty) directory ``out``."""
+    from openmm_cgml.models import export_dynamics, export_models
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     embedding = embedding.cpu().float().eval()
     dyn_inputs, score_inputs = _example_inputs(dynamics, score, embedding, ckpt)
-    # remove stale archives first: a failed export must not leave an old model behind
-    for name in ("dynamics.pt", "score.pt", EMBEDDING_FILE, MANIFEST):
-        (out / name).unlink(missing_ok=True)
-    try:
-        if score is not None:
-            export_models(dynamics, score, out, dyn_inputs, score_inputs)
-        else:
-            export_dynamics(dynamics, out / "dynamics.pt", dyn_inputs, verify=verify)
-    except ExportError:
-        for name in ("dynamics.pt", "score.pt"):
-            (out / name).unlink(missing_ok=True)
-        raise
+    if score is not None:
+        export_models(dynamics, score, out, dyn_inputs, score_inputs, verify=verify)
+    else:
+        export_dynamics(dynamics, out / "dynamics.pt", dyn_inputs, verify=verify)
     model_config = dict(ckpt["model_config"])
     torch.save({"format": EMBEDDING_FORMAT, "state_dict": embedding.state_dict(),
                 "model_config": model_config, "num_atom_types": len(ckpt["atom_vocabulary"]),
@@ -136,9 +131,114 @@ def export_simulator(embedding, dynamics, score, ckpt: dict[str, Any], out_dir: 
                        "train_systems": ckpt.get("train_systems", []),
                        "val_systems": ckpt.get("val_systems", [])},
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, default=float))
-    os.replace(tmp, out / MANIFEST)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=float))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover(out: Path) -> None:
+    """Clean up after an export that was killed: its unfinished ``.NAME.export-tmp-PID``
+    directory is removed; a ``.NAME.export-old-PID`` (the previous model, moved aside just
+    before the new one took its place) is put back if NAME is missing, else removed."""
+    if not out.parent.is_dir():
+        return
+    for entry in out.parent.iterdir():
+        for tag in (_TMP_TAG, _OLD_TAG):
+            prefix = f".{out.name}{tag}"
+            if not entry.name.startswith(prefix):
+                continue
+            pid = entry.name[len(prefix):]
+            if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+                continue  # another export of the same directory is running
+            if tag == _OLD_TAG and not out.exists():
+                os.rename(entry, out)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and not (out / MANIFEST).exists():
+        others = sorted(p.name for p in out.iterdir() if p.name not in MODEL_FILES)
+        if others:
+            raise FileExistsError(f"{out} exists and is not an exported model (no {MANIFEST}; holds "
+                                  f"{others[:5]}); refusing to replace it: choose another --out")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False
+    when the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _move_into_place(new: Path, out: Path) -> None:
+    """Make the complete directory ``new`` the model at ``out``; the previous model is
+    replaced only here (atomically where the OS can swap directories, else moved aside
+    to ``.NAME.export-old-PID`` for the instant between two renames)."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    if _exchange(new, out):  # ``new`` now holds the previous model
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    old = out.parent / f".{out.name}{_OLD_TAG}{os.getpid()}"
+    os.rename(out, old)
+    os.rename(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_simulator(embedding, dynamics, score, ckpt: dict[str, Any], out_dir: str | os.PathLike,
+                     verify: bool = True) -> Path:
+    """Write the simulator directory from in-memory models and checkpoint metadata
+    (``ckpt``: a training checkpoint dict; its weights are not used). Returns out_dir.
+
+    Nothing is written into ``out_dir`` until the new model is complete: it is built in a
+    sibling directory ``.NAME.export-tmp-PID``, its archives verified (``verify``: in a
+    fresh process) and the whole package loaded with :class:`LearnedSimulator`, and only
+    then moved into place. A failed or killed export leaves the previous model as it was
+    (files in ``out_dir`` that are not model files are carried over). A non-empty
+    directory that is not an exported model is never replaced."""
+    from openmm_cgml.simulator import LearnedSimulator
+
+    out = Path(out_dir)
+    _recover(out)
+    _check_replaceable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir()
+    try:
+        _write_package(embedding, dynamics, score, ckpt, new, verify)
+        LearnedSimulator.load(new)  # the complete package loads and is consistent
+        if out.is_dir():
+            for entry in out.iterdir():
+                if entry.name not in MODEL_FILES:
+                    copy = shutil.copytree if entry.is_dir() else shutil.copy2
+                    copy(entry, new / entry.name)
+        _move_into_place(new, out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     return out
 
 
@@ -159,8 +259,9 @@ def _run_export(args: argparse.Namespace) -> int:
 
     try:
         out = export_checkpoint(args.checkpoint, args.out)
-    except ExportError as err:
-        print(f"cgml export: cannot export {args.checkpoint}: {err}", file=sys.stderr)
+    except (ExportError, ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"cgml export: cannot export {args.checkpoint}: {err} (nothing was written to {args.out})",
+              file=sys.stderr)
         return 2
     manifest = json.loads((out / MANIFEST).read_text())
     print(f"exported {args.checkpoint} -> {out} (seq_len {manifest['seq_len']}, step "

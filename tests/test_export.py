@@ -113,10 +113,11 @@ def test_export_refuses_custom_ops(trained, tmp_path):
                            hidden_layers=1, rounds=2, edge_type_dim=4)
     target = tmp_path / "bad"
     target.mkdir()
-    (target / "dynamics.pt").write_bytes(b"stale")  # a stale archive must not survive
+    (target / "dynamics.pt").write_bytes(b"old")  # a failed export leaves the directory as it was
     with pytest.raises(ExportError, match="custom ops.*cgml_export_test"):
         export_simulator(net.embedding, bad, net.score, ckpt, target)
-    assert not (target / "dynamics.pt").exists() and not (target / MANIFEST).exists()
+    assert (target / "dynamics.pt").read_bytes() == b"old" and not (target / MANIFEST).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no temporary directory left
     # the same models without the custom op export fine
     export_simulator(net.embedding, net.dynamics, net.score, ckpt, tmp_path / "good")
     assert (tmp_path / "good" / MANIFEST).exists()
