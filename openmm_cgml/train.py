@@ -428,10 +428,22 @@ def _versions() -> dict[str, str]:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A training checkpoint (safe loader: tensors and plain types only)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """A training checkpoint (safe loader: tensors and plain types only). A missing file
+    is FileNotFoundError; an unreadable, corrupt or foreign one ValueError naming the
+    file and what was expected."""
+    path = Path(path)
+    expected = f"expected a torch.save dict with format {CHECKPOINT_FORMAT!r}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated/corrupt zip, foreign pickle, ...
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} is not an openmm-cgml checkpoint ({expected}; reading it failed: "
+                         f"{type(err).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an openmm-cgml training checkpoint")
+        found = f"a dict with format {ckpt.get('format')!r}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not an openmm-cgml checkpoint ({expected}; found {found})")
     return ckpt
 
 
@@ -629,8 +641,40 @@ class Trainer:
         os.replace(directory / "last.pt.tmp", directory / "last.pt")
         return path
 
-    def _restore(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
+    def _resume_checkpoint(self, last: Path) -> tuple[Path, dict[str, Any]]:
+        """``last.pt`` and its contents; if it is missing or unreadable (a warning says
+        so, with its path), the newest readable ``checkpoints/step_N.pt`` (a warning
+        names it, and every newer one skipped as unreadable)."""
+        import re
+        import warnings
+
+        if last.exists():
+            try:
+                return last, load_checkpoint(last)
+            except ValueError as err:
+                warnings.warn(f"--resume: {last} is unreadable ({err}); falling back to the newest readable "
+                              f"{last.parent}/step_N.pt", stacklevel=3)
+
+        def step_of(path: Path) -> int:
+            match = re.fullmatch(r"step_(\d+)\.pt", path.name)
+            return int(match.group(1)) if match else -1
+
+        candidates = sorted((p for p in last.parent.glob("step_*.pt") if step_of(p) >= 0), key=step_of, reverse=True)
+        for path in candidates:
+            try:
+                ckpt = load_checkpoint(path)
+            except ValueError as err:
+                warnings.warn(f"--resume: skipping unreadable {path} ({err})", stacklevel=3)
+                continue
+            warnings.warn(f"--resume: resuming from {path} (step {ckpt.get('step')}) instead of {last}",
+                          stacklevel=3)
+            return path, ckpt
+        state = "is unreadable" if last.exists() else "does not exist"
+        raise FileNotFoundError(f"--resume: no checkpoint to resume from: {last} {state} and "
+                                f"{last.parent} has no readable step_N.pt")
+
+    def _restore(self, path: Path, ckpt: dict[str, Any] | None = None) -> None:
+        ckpt = load_checkpoint(path) if ckpt is None else ckpt
         if ckpt["model_config"] != self.model_config.to_dict():
             raise ValueError(f"{path}: its model config differs from this config's; cannot resume")
         self.net.embedding.load_state_dict(ckpt["embedding"])
@@ -696,9 +740,7 @@ class Trainer:
         self._setup()
         last = self.out / "checkpoints" / "last.pt"
         if self.resume:
-            if not last.exists():
-                raise FileNotFoundError(f"--resume: no checkpoint {last}")
-            self._restore(last)
+            self._restore(*self._resume_checkpoint(last))
         elif self.rank == 0 and last.exists():
             raise FileExistsError(f"{self.out} already holds a run; use --resume or another --out")
         if self.rank == 0:
