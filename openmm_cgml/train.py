@@ -128,16 +128,59 @@ class TrainConfig:
     name: str = ""
 
     def __post_init__(self):
-        if self.models not in ("both", "dynamics"):
-            raise ValueError(f"models must be 'both' or 'dynamics', got {self.models!r}")
-        if self.seq_len < 2 or self.dilation < 1 or self.stride < 1:
-            raise ValueError("need seq_len >= 2, dilation >= 1, stride >= 1")
-        if self.batch_size < 1 or self.steps < 0:
-            raise ValueError("need batch_size >= 1 and steps >= 0")
-        seq = self.model.get("seq_len")
-        if seq is not None and int(seq) != int(self.seq_len):
-            raise ValueError(f"model.seq_len ({seq}) differs from seq_len ({self.seq_len}); set only seq_len")
+        """Types and ranges of every key (nested ``model``, ``optimizer``, ``schedule`` too):
+        a bad value raises ConfigError (a ValueError) naming the key."""
+        from openmm_cgml.models.config import check_fields, check_mapping, check_value, require
+
+        check_fields(self)
+        require(self.models in ("both", "dynamics"), "models", self.models, "'both' or 'dynamics'")
+        require(self.seq_len >= 2, "seq_len", self.seq_len, ">= 2")
+        for key in ("dilation", "stride", "batch_size", "small_molecule_max_atoms"):
+            require(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
+        for key in ("steps", "checkpoint_every", "val_every", "log_every", "score_weight"):
+            require(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
+        require(0 < self.cg_level < math.inf, "cg_level", self.cg_level, "a positive number (atoms per bead)")
+        require(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
+        require(self.grad_clip > 0, "grad_clip", self.grad_clip, "> 0")
+        for key in ("val_max_windows", "train_max_windows", "num_threads"):
+            value = getattr(self, key)
+            require(value is None or value >= (0 if key == "num_threads" else 1), key, value,
+                    ">= 0 or null" if key == "num_threads" else ">= 1 or null")
+        self.optimizer = check_mapping("optimizer", self.optimizer, _OPTIMIZER_KEYS)
+        name = self.optimizer.get("name", "adam")
+        require(name.lower() in ("adam", "adamw", "sgd"), "optimizer.name", name, "adam, adamw or sgd")
+        betas = self.optimizer.get("betas")
+        if betas is not None:
+            require(len(betas) == 2, "optimizer.betas", betas, "a list of two numbers")
+            self.optimizer["betas"] = [check_value("optimizer.betas", b, "float") for b in betas]
+        require(self.optimizer.get("lr", 1.0) > 0, "optimizer.lr", self.optimizer.get("lr"), "> 0")
+        self.schedule = check_mapping("schedule", self.schedule, _SCHEDULE_KEYS)
+        name = self.schedule.get("name", "cosine")
+        require(name in ("cosine", "exponential", "constant"), "schedule.name", name,
+                "cosine, exponential or constant")
+        require(self.schedule.get("warmup_steps", 0) >= 0, "schedule.warmup_steps",
+                self.schedule.get("warmup_steps"), ">= 0")
+        for key in ("gamma", "decay_steps"):
+            require(self.schedule.get(key, 1.0) > 0, f"schedule.{key}", self.schedule.get(key), "> 0")
+        if "seq_len" in self.model:
+            seq = check_value("model.seq_len", self.model["seq_len"], "int")
+            if seq != self.seq_len:
+                raise ValueError(f"model.seq_len ({seq}) differs from seq_len ({self.seq_len}); set only seq_len")
         self.model_config()  # validates the model dict early
+
+    def check_system_filter(self) -> None:
+        """If ``data_dir`` holds a data set, ``system`` (when set) must match some of its
+        trajectories: otherwise raise ValueError naming the kinds it has."""
+        from openmm_cgml.generate import INDEX_FILE, read_index
+
+        if self.system is None or not (Path(self.data_dir) / INDEX_FILE).is_file():
+            return
+        entries = [e for e in read_index(self.data_dir)["trajectories"] if e.get("complete")]
+        kinds = sorted({str(e.get("kind")) for e in entries})
+        if not any(e.get("kind") == self.system and e.get("split") == "train" for e in entries):
+            have = f"has kinds {kinds}" if kinds else "has no complete trajectories"
+            raise ValueError(f"config key system: {self.system!r} matches no complete training trajectory in "
+                             f"{self.data_dir} (it {have}; set system to one of them, or null for all)")
 
     def model_config(self, step_size_ps: float | None = None):
         from openmm_cgml.models import ModelConfig
@@ -160,6 +203,14 @@ class TrainConfig:
         return cls(**data)
 
 
+# keys of the nested ``optimizer`` / ``schedule`` mappings and their types
+_OPTIMIZER_KEYS = {"name": "str", "lr": "float", "weight_decay": "float", "betas": "list", "eps": "float",
+                   "momentum": "float", "dampening": "float", "nesterov": "bool", "amsgrad": "bool",
+                   "maximize": "bool", "foreach": "bool | None"}
+_SCHEDULE_KEYS = {"name": "str", "warmup_steps": "int", "min_lr_fraction": "float", "gamma": "float",
+                  "decay_steps": "float"}
+
+
 def resolve_config_path(name: str | os.PathLike) -> Path:
     """A config file path, or the name of a preset in openmm_cgml/configs (``chain-demo``)."""
     path = Path(name)
@@ -179,30 +230,50 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if path.suffix == ".toml":
         import tomllib
 
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{path}: not valid TOML: {error}") from error
     else:
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from error
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the config must be a mapping")
+        raise ValueError(f"{path}: the config must be a mapping of keys to values")
     data.setdefault("name", path.stem)
     return data
 
 
 def _set_nested(data: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
-    for key in keys[:-1]:
+    if not all(keys):
+        raise ValueError(f"bad config key {dotted!r}")
+    for depth, key in enumerate(keys[:-1]):
         data = data.setdefault(key, {})
+        if not isinstance(data, dict):
+            raise ValueError(f"config key {'.'.join(keys[:depth + 1])} is not a mapping; cannot set {dotted}")
     data[keys[-1]] = value
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a config file (or preset name) and apply dotted ``overrides`` ({"model.rounds": 2})."""
+    """Read a config file (or preset name) and apply dotted ``overrides`` ({"model.rounds": 2}).
+    A bad value raises ValueError naming the file and the key (and, for ``system``, the
+    trajectory kinds that ``data_dir`` holds)."""
     data = read_config_file(path)
     for key, value in (overrides or {}).items():
         _set_nested(data, key, value)
-    return TrainConfig.from_dict(data)
+    try:
+        config = TrainConfig.from_dict(data)
+        config.check_system_filter()
+    except ValueError as error:
+        from openmm_cgml.models.config import ConfigError
+
+        kind = ConfigError if isinstance(error, ConfigError) else ValueError
+        raise kind(f"{resolve_config_path(path)}: {error}") from error
+    return config
 
 
 # ----------------------------------------------------------------------------- models
@@ -845,10 +916,13 @@ def _parse_set(values) -> dict[str, Any]:
 
     out = {}
     for item in values or []:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
-        out[key] = yaml.safe_load(text)
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            out[key.strip()] = text  # not YAML: the text itself (the config check judges it)
     return out
 
 

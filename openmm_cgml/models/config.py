@@ -2,12 +2,78 @@
 and the factories that build the three networks from it."""
 from __future__ import annotations
 
+import numbers
+import os
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 
 ANGSTROM = 0.1  # nm
+
+
+# ------------------------------------------------------------------- config value checks
+class ConfigError(ValueError):
+    """A config value of the wrong type or out of range; the message names the key."""
+
+
+_KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "dict": "a mapping", "list": "a list", "None": "null"}
+# YAML 1.1 (PyYAML) reads ``1e-4`` (no decimal point) as a string; such text is a number here
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def check_value(key: str, value: Any, annotation: str) -> Any:
+    """``value`` checked against a type annotation (``"int"``, ``"float | None"``, ``"dict"``,
+    ...); returns it, with integers (and YAML 1.1 number text such as ``1e-4``) given for a
+    ``float`` field converted to float. Booleans are not integers here. Raises
+    :class:`ConfigError` ("config key seq_len: expected an integer, got 'three'")."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+    else:
+        is_bool = isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy bool too
+        for kind in kinds:
+            if kind == "bool" and is_bool:
+                return bool(value)
+            if kind == "int" and isinstance(value, numbers.Integral) and not is_bool:
+                return int(value)
+            if kind == "float" and not is_bool:
+                if isinstance(value, numbers.Real):
+                    return float(value)
+                if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+                    return float(value)
+            if kind == "str" and isinstance(value, (str, os.PathLike)):
+                return os.fspath(value)
+            if kind == "dict" and isinstance(value, dict):
+                return value
+            if kind == "list" and isinstance(value, (list, tuple)):
+                return list(value)
+    wanted = " or ".join(_KIND_WORDS.get(k, k) for k in kinds)
+    got = "null" if value is None else repr(value)
+    raise ConfigError(f"config key {key}: expected {wanted}, got {got}")
+
+
+def check_fields(obj, prefix: str = "") -> None:
+    """Type-check (and normalise, see :func:`check_value`) every field of a dataclass."""
+    for f in fields(obj):
+        setattr(obj, f.name, check_value(prefix + f.name, getattr(obj, f.name), f.type))
+
+
+def require(condition: bool, key: str, value: Any, what: str) -> None:
+    """Raise ConfigError "config key KEY: must be WHAT, got VALUE" unless ``condition``."""
+    if not condition:
+        raise ConfigError(f"config key {key}: must be {what}, got {value!r}")
+
+
+def check_mapping(key: str, data: dict, schema: dict[str, str]) -> dict:
+    """A nested config mapping: no unknown keys, each value checked against ``schema``."""
+    unknown = sorted(set(data) - set(schema))
+    if unknown:
+        raise ConfigError(f"config key {key}: unknown keys {unknown} (known: {sorted(schema)})")
+    return {k: check_value(f"{key}.{k}", v, schema[k]) for k, v in data.items()}
 
 
 def geometric_ladder(largest: float, smallest: float, levels: int) -> torch.Tensor:
@@ -55,8 +121,28 @@ class ModelConfig:
     graph_method: str = "auto"
 
     def __post_init__(self):
+        check_fields(self, "model.")
         if self.backbone not in ("gns", "et"):
-            raise ValueError(f"backbone must be 'gns' or 'et', got {self.backbone!r}")
+            raise ConfigError(f"config key model.backbone: backbone must be 'gns' or 'et', got {self.backbone!r}")
+        from .layers import ACTIVATIONS
+
+        require(self.activation in ACTIVATIONS, "model.activation", self.activation, f"one of {sorted(ACTIVATIONS)}")
+        methods = ("auto", "all_pairs", "cell_list")
+        require(self.graph_method in methods, "model.graph_method", self.graph_method, f"one of {list(methods)}")
+        require(self.seq_len >= 2, "model.seq_len", self.seq_len, ">= 2")
+        for name in ("step_size_ps", "cutoff", "score_sigma_max", "score_sigma_min", "noise_sigma_max",
+                     "noise_sigma_min", "langevin_step_size"):
+            value = getattr(self, name)
+            require(value > 0 and value != float("inf"), f"model.{name}", value, "a positive finite number")
+        require(self.min_std >= 0, "model.min_std", self.min_std, ">= 0")
+        for name in ("latent_dim", "hidden_dim", "hidden_layers", "rounds", "edge_type_dim", "num_heads", "num_rbf",
+                     "type_dim", "embedding_latent_dim", "embedding_hidden_dim", "embedding_rounds",
+                     "embedding_out_dim", "score_levels", "noise_levels"):
+            require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), ">= 1")
+        require(self.langevin_steps >= 0, "model.langevin_steps", self.langevin_steps, ">= 0")
+        for kind in ("score", "noise"):
+            low, high = getattr(self, f"{kind}_sigma_min"), getattr(self, f"{kind}_sigma_max")
+            require(low <= high, f"model.{kind}_sigma_min", low, f"<= {kind}_sigma_max ({high})")
 
     @property
     def num_features(self) -> int:
@@ -76,7 +162,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown model config keys: {sorted(unknown)} (known: {sorted(known)})")
         return cls(**data)
 
 
