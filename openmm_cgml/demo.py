@@ -27,12 +27,21 @@ DEMO_TRAINING = {"steps": 1200, "model.score_levels": 10, "model.langevin_steps"
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, rollout_factor: float = 10.0,
              train_steps: int | None = None, progress: bool = True) -> Path:
-    from openmm_cgml.evaluate import run_evaluation
+    from openmm_cgml.evaluate import check_rollout_factor, check_seed, run_evaluation
     from openmm_cgml.export import export_checkpoint
     from openmm_cgml.generate import generate_dataset
     from openmm_cgml.train import train
 
+    # refuse bad options now, not after minutes of reference MD
+    check_rollout_factor(rollout_factor)
+    check_seed(seed)
+    check_seed(seed + 1)  # the evaluation's seed
+    if train_steps is not None and (isinstance(train_steps, bool) or not isinstance(train_steps, int)
+                                    or train_steps < 1):
+        raise ValueError(f"train steps must be an integer >= 1, got {train_steps!r}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a directory")
     data, run, model, report = out / "data", out / "train", out / "model", out / "report"
     timings = {}
 

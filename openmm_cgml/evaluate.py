@@ -275,38 +275,44 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
     return metrics
 
 
-def _plot_system(name, runs, results, out_dir: Path, periodic: bool, masses, groups):
+def _plot_system(name, runs, results, out_dir: Path, periodic: bool, masses, groups) -> dict:
+    """Write the system's PNG plots; returns {file name: matplotlib Figure} of those written."""
     labels = [r.label for r in runs]
+    figures = {}
     if results[labels[0]].rg2 is not None:
         # bins span the reference's range (x2.5): a run that drifts far off stays out of view
         upper = 2.5 * float(np.percentile(results[labels[0]].rg2, 99.5))
-        plots.plot_rg2_histograms({l: results[l].rg2 for l in labels if results[l].rg2 is not None},
-                                  range=(0.0, upper), path=out_dir / "rg2_hist.png",
-                                  title=f"{name}: CG Rg$^2$ (axis: 0-2.5x reference range)")
-        plots.plot_acfs({l: (results[l].acf_time, results[l].acf) for l in labels if results[l].acf is not None},
-                        relaxation={l: results[l].relaxation for l in labels if results[l].acf is not None},
-                        path=out_dir / "rg2_acf.png", title=f"{name}: Rg$^2$ autocorrelation")
-    plots.plot_collision_rate({l: (np.arange(len(results[l].collision)) * r.dt_ps, results[l].collision)
-                               for l, r in zip(labels, runs)}, path=out_dir / "collisions.png",
-                              title=f"{name}: bead collisions")
+        figures["rg2_hist.png"] = plots.plot_rg2_histograms(
+            {l: results[l].rg2 for l in labels if results[l].rg2 is not None},
+            range=(0.0, upper), path=out_dir / "rg2_hist.png",
+            title=f"{name}: CG Rg$^2$ (axis: 0-2.5x reference range)")
+        with_acf = [l for l in labels if results[l].acf is not None]
+        figures["rg2_acf.png"] = plots.plot_acfs(
+            {l: (results[l].acf_time, results[l].acf) for l in with_acf},
+            relaxation={l: results[l].relaxation for l in with_acf},
+            path=out_dir / "rg2_acf.png", title=f"{name}: Rg$^2$ autocorrelation")
+    figures["collisions.png"] = plots.plot_collision_rate(
+        {l: (np.arange(len(results[l].collision)) * r.dt_ps, results[l].collision) for l, r in zip(labels, runs)},
+        path=out_dir / "collisions.png", title=f"{name}: bead collisions")
     if len(groups) == 1 and not periodic:
         learned = [r for r in runs[2:] if len(r.positions) > 10]
         if learned:
             _, surfaces = analysis.pca_free_energy_surfaces(
                 runs[0].positions, [r.positions for r in learned], labels=[runs[0].label] + [r.label for r in learned],
                 masses=masses, bins=30)
-            plots.plot_free_energy_surfaces(surfaces, path=out_dir / "fes_pca.png")
+            figures["fes_pca.png"] = plots.plot_free_energy_surfaces(surfaces, path=out_dir / "fes_pca.png")
     if periodic:
         pairs = sorted({p for l in labels for p in results[l].rdfs})
         if pairs:
             data = {f"{a}-{b}": {l: results[l].rdfs[(a, b)] for l in labels if (a, b) in results[l].rdfs}
                     for a, b in pairs}
-            plots.plot_rdfs(data, path=out_dir / "rdfs.png")
+            figures["rdfs.png"] = plots.plot_rdfs(data, path=out_dir / "rdfs.png")
         species = sorted({s for l in labels for s in results[l].msd})
         data = {s: {l: results[l].msd[s] for l in labels if s in results[l].msd} for s in species}
         fits = {f"{s}/{l}": results[l].diffusion[s] for s in species for l in labels if s in results[l].diffusion}
         if data:
-            plots.plot_msd(data, fits=fits, path=out_dir / "msd.png")
+            figures["msd.png"] = plots.plot_msd(data, fits=fits, path=out_dir / "msd.png")
+    return figures
 
 
 # ------------------------------------------------------------------------------- report
@@ -405,15 +411,19 @@ def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.
                    out_dir: str | os.PathLike, *, rollout_factor: float = 10.0, seed: int = 1,
                    sl_baseline: bool = True, progress: bool = True, measure_md: bool = True) -> Path:
     """Evaluate the models on every held-out (split="test") system of ``data_dir``."""
-    from openmm_cgml.simulator import LearnedSimulator
-
+    check_rollout_factor(rollout_factor)
+    check_seed(seed)
+    if not model_dirs:
+        raise ValueError("no model to evaluate: give at least one exported model directory")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    models = {label: LearnedSimulator.load(path) for label, path in model_dirs.items()}
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory {data_dir} does not exist; make it with `cgml generate`")
     train_ps = training_length_ps(data_dir)
     tests = list_trajectories(data_dir, split="test")
     if not tests:
         raise ValueError(f"no held-out (split='test') trajectories in {data_dir}")
+    models = {label: load_model(path) for label, path in model_dirs.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
     sl = _fit_sl_baseline(next(iter(models.values())), data_dir) if sl_baseline else None
     all_metrics = []
     for directory in tqdm(tests, desc="held-out systems", disable=not progress):
@@ -434,6 +444,39 @@ def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.
                "rollout_factor": rollout_factor, "training_trajectory_ps": train_ps,
                "held_out_systems": len(all_metrics)}
     return write_report(all_metrics, out_dir, context)
+
+
+def check_rollout_factor(value) -> float:
+    """The rollout length factor: a finite number > 0 (0 would evaluate an empty rollout)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise ValueError(f"rollout factor must be a positive number (rollout length in units of the "
+                         f"training-trajectory length), got {value!r}")
+    return float(value)
+
+
+def check_seed(value) -> int:
+    """A random seed the integrator accepts: an integer in [0, 2**31)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+        raise ValueError(f"seed must be an integer in [0, 2147483647], got {value!r}")
+    return value
+
+
+def load_model(path: str | os.PathLike):
+    """``LearnedSimulator.load``, with errors that name the model directory."""
+    import pickle
+
+    from openmm_cgml.simulator import LearnedSimulator
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist (write one with `cgml export CKPT -o DIR`)")
+    try:
+        return LearnedSimulator.load(path)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as error:
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ValueError(f"{path}: cannot load the exported model: {first}") from error
 
 
 def _fit_sl_baseline(learned, data_dir: Path):
@@ -457,7 +500,12 @@ def _run_evaluate(args) -> int:
     models = {}
     for item in args.model:
         label, _, path = item.rpartition("=")
-        models[label or Path(path).name] = path
+        if not path:
+            raise ValueError(f"--model {item!r}: no model directory (expected DIR or LABEL=DIR)")
+        label = label or Path(path).name
+        if label in models:
+            raise ValueError(f"--model: label {label!r} given twice (use LABEL=DIR to tell the models apart)")
+        models[label] = path
     report = run_evaluation(models, args.data, args.out, rollout_factor=args.rollout_factor, seed=args.seed,
                             sl_baseline=not args.no_sl, progress=not args.no_progress,
                             measure_md=not args.no_md_timing)
