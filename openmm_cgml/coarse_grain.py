@@ -335,11 +335,19 @@ class CGMapping:
                    data["small_molecules_as_beads"], data["small_molecule_max_atoms"], data["seed"])
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        """Write the mapping as JSON (atomically: a kill never leaves half a file)."""
+        from openmm_cgml.generate import _write_bytes_atomic
+
+        _write_bytes_atomic(Path(path), json.dumps(self.to_dict()).encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CGMapping":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a saved mapping; a corrupt or foreign file is a ValueError naming it."""
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}: not a readable CG mapping file ({type(err).__name__}: {err})") from None
 
     def fingerprint(self) -> str:
         """SHA-256 of the mapping's content (hex); cache key for CG trajectories."""

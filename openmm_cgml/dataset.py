@@ -7,7 +7,9 @@ Train/validation splits are made by *system* (trajectory), never by frame.
 
 CG trajectories are cached as ``<trajectory dir>/cg_<fingerprint[:16]>.npz`` (key: the
 :class:`~openmm_cgml.coarse_grain.CGMapping` fingerprint; the DCD size and mtime are
-checked too), with the mapping beside it as ``cg_<fingerprint[:16]>.mapping.json``.
+checked too), with the mapping beside it as ``cg_<fingerprint[:16]>.mapping.json``. A
+cache that cannot be read or does not fit the trajectory is reported (warning with its
+path), deleted and rebuilt.
 
 Sample format (``WindowDataset[i]``, NumPy)::
 
@@ -48,6 +50,7 @@ Atot atoms)::
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -93,6 +96,34 @@ def mapping_for_trajectory(directory: str | os.PathLike, cg_level: float,
         small_molecule_max_atoms=small_molecule_max_atoms, seed=seed)
 
 
+def _read_cg_cache(path: Path, source_stamp: np.ndarray, n_beads: int, n_frames: int | None
+                   ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(positions, box) from a CG cache file, or (None, None) when it is stale (the DCD
+    changed) or unusable; an unreadable or inconsistent cache (truncated write, disk
+    error) is reported with its path, deleted, and rebuilt by the caller."""
+    try:
+        with np.load(path) as data:
+            if not np.array_equal(data["source_stamp"], source_stamp):
+                return None, None
+            positions = data["positions"]
+            box = data["box"] if bool(data["periodic"]) else None
+        problem = None
+        if positions.ndim != 3 or positions.shape[1:] != (n_beads, 3):
+            problem = f"positions of shape {positions.shape}, expected [frames, {n_beads}, 3]"
+        elif n_frames is not None and positions.shape[0] != int(n_frames):
+            problem = f"{positions.shape[0]} frames, the trajectory has {n_frames}"
+        elif box is not None and box.shape != (positions.shape[0], 3, 3):
+            problem = f"box of shape {box.shape}"
+        if problem is None:
+            return positions, box
+    except Exception as err:  # BadZipFile, EOFError, KeyError, ValueError, OSError, ...
+        problem = f"{type(err).__name__}: {err}"
+    warnings.warn(f"CG cache {path} is unreadable or inconsistent ({problem}); deleting and rebuilding it",
+                  stacklevel=3)
+    path.unlink(missing_ok=True)
+    return None, None
+
+
 def load_cg_trajectory(directory: str | os.PathLike, mapping: CGMapping | None = None,
                        cg_level: float | None = None, cache: bool = True,
                        **mapping_options) -> CGTrajectory:
@@ -113,16 +144,13 @@ def load_cg_trajectory(directory: str | os.PathLike, mapping: CGMapping | None =
     source_stamp = np.asarray([dcd.st_size, dcd.st_mtime_ns], dtype=np.int64)
     positions = box = None
     if cache and cache_path.exists():
-        with np.load(cache_path) as data:
-            if np.array_equal(data["source_stamp"], source_stamp):
-                positions = data["positions"]
-                box = data["box"] if bool(data["periodic"]) else None
+        positions, box = _read_cg_cache(cache_path, source_stamp, mapping.n_beads, metadata.get("n_frames"))
     if positions is None:
         record = load_trajectory(directory)
         positions = mapping.map_positions(record.positions).astype(np.float32)
         box = record.box
         if cache:
-            tmp = directory / f"cg_{key}.tmp.npz"
+            tmp = directory / f"cg_{key}.tmp{os.getpid()}.npz"
             np.savez(tmp, positions=positions, box=box if box is not None else np.zeros((0, 3, 3)),
                      periodic=box is not None, source_stamp=source_stamp)
             os.replace(tmp, cache_path)
