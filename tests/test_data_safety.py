@@ -238,17 +238,18 @@ def test_simulator_and_import_share_the_type_rule(exported_tiny_model, chain_dat
 
 def test_truncated_dcd_import_warns(chain_data_dir, tmp_path):
     directory, metadata = _chain_source(chain_data_dir)
-    masses = {"B1": 1.0, "B2": 1.0, "S1": 1.0, "S2": 1.0}
+    masses = metadata["masses_amu"]  # explicit types and masses: no guessed-element warning
+    kwargs = {"atom_types": metadata["atom_types"], "masses": masses}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         generate.import_trajectory(directory / "trajectory.dcd", directory / "topology.pdb", 5.0,
-                                   tmp_path / "ok", masses=masses)
-    assert not [w for w in caught if "truncated" in str(w.message)]
+                                   tmp_path / "ok", **kwargs)
+    assert not caught, [str(w.message) for w in caught]
     cut = tmp_path / "cut.dcd"
     data = (directory / "trajectory.dcd").read_bytes()
     cut.write_bytes(data[:-100])  # killed while writing the last frame
     with pytest.warns(UserWarning, match=r"cut\.dcd.*truncated.*30 frames.*29") as record:
-        imported = generate.import_trajectory(cut, directory / "topology.pdb", 5.0, tmp_path / "cut", masses=masses)
+        imported = generate.import_trajectory(cut, directory / "topology.pdb", 5.0, tmp_path / "cut", **kwargs)
     assert imported.n_frames == metadata["n_frames"] - 1
 
 
