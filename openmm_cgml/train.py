@@ -66,14 +66,18 @@ Checkpoint format (``torch.save`` dict; only tensors and plain types, so it load
     metrics (last logged row), versions.
 
 Data-parallel: ``torchrun --nproc_per_node 2 -m openmm_cgml.cli train CONFIG`` (gloo on
-CPU); only rank 0 writes files. Gradients are averaged over ranks, each rank's loss is
-the mean over its beads, so with graphs of equal size the update equals the 1-process one.
+CPU); only rank 0 writes files. Gradients are averaged over ranks (one all-reduce per
+step), each rank's loss is the mean over its beads, so with graphs of equal size the
+update equals the 1-process one. ``Trainer.close`` (called by ``train`` and the CLI)
+destroys the process group and joins gloo's worker threads before the process exits.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import csv
+import gc
+import importlib
 import json
 import math
 import os
@@ -81,6 +85,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -278,7 +283,7 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
 
 # ----------------------------------------------------------------------------- models
 class CGMLNet(nn.Module):
-    """The three networks as one module (one DDP wrapper, one state)."""
+    """The three networks as one module (one parameter set to average over ranks, one state)."""
 
     def __init__(self, model_config, num_atom_types: int, num_bond_types: int, with_score: bool = True):
         super().__init__()
@@ -545,12 +550,62 @@ class _SkipSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------- trainer
-def _distributed() -> tuple[int, int]:
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group) from torchrun's
+    environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1 and not torch.distributed.is_initialized():
+        # torch._dynamo (which torchmd-net imports) takes references to any process group
+        # that exists when it is first imported, so that group is never freed and its
+        # worker threads outlive destroy_process_group (see Trainer.close): import it first.
+        importlib.import_module("torch._dynamo")
         torch.distributed.init_process_group("gloo")
-    return rank, world
+        return rank, world, True
+    return rank, world, False
+
+
+def _broadcast_parameters(net: nn.Module) -> None:
+    """Every rank starts from rank 0's parameters and buffers."""
+    tensors = [t for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()]
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
+    torch.distributed.broadcast(flat, 0)
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def _average_gradients(net: nn.Module, world: int) -> None:
+    """Data-parallel gradients: the mean over ranks, in one all-reduce. A parameter
+    that no rank gave a gradient keeps ``grad=None`` (the optimiser skips it, as in one
+    process); one that some ranks did not reach counts as zero there."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64)
+    grads = [p.grad.detach().reshape(-1).double() if p.grad is not None
+             else torch.zeros(p.numel(), dtype=torch.float64) for p in params]
+    flat = torch.cat([has_grad] + grads)
+    torch.distributed.all_reduce(flat)
+    offset = len(params)
+    for p, count in zip(params, flat[:len(params)].tolist()):
+        chunk = flat[offset:offset + p.numel()]
+        offset += p.numel()
+        p.grad = (chunk / world).view_as(p).to(p.dtype) if count > 0 else None
+
+
+def gloo_worker_threads() -> int:
+    """Running gloo worker threads of this process (Linux; 0 where /proc is missing)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return 0
+    count = 0
+    for task in tasks.iterdir():
+        try:
+            count += (task / "comm").read_text().startswith("pt_gloo")
+        except OSError:  # the thread ended while we looked
+            pass
+    return count
 
 
 def _write_atomic(obj, path: Path) -> None:
@@ -607,7 +662,7 @@ class Trainer:
         self.out = Path(out_dir)
         self.resume = resume
         self.progress = progress
-        self.rank, self.world = _distributed()
+        self.rank, self.world, self._owns_process_group = _distributed()
         if config.batch_size % self.world:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} ranks")
         if config.num_threads:
@@ -648,9 +703,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(config.schedule, s, config.steps))
         if self.world > 1:
-            self.model = nn.parallel.DistributedDataParallel(self.net, find_unused_parameters=True)
-        else:
-            self.model = self.net
+            _broadcast_parameters(self.net)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.rows: list[dict] = []
         self.elapsed = 0.0
@@ -836,9 +889,11 @@ class Trainer:
         while self.step < target:
             batch = next(data)
             noise = sample_noise(batch, config.seed, self.step, self.noise_ladder, self.score_ladder)
-            losses = self.model(batch, noise, config.score_weight, config.detach_latent)
+            losses = self.net(batch, noise, config.score_weight, config.detach_latent)
             self.optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
+            if self.world > 1:
+                _average_gradients(self.net, self.world)
             grad_norm = float(nn.utils.clip_grad_norm_(self.net.parameters(), config.grad_clip))
             self.optimizer.step()
             self.scheduler.step()
@@ -884,6 +939,29 @@ class Trainer:
         return {"step": self.step, "metrics": self.rows, "out": self.out,
                 "checkpoint": self.out / "checkpoints" / "last.pt"}
 
+    def close(self) -> None:
+        """Destroy the process group this trainer created, and wait for gloo's worker
+        threads to end, while the interpreter is fully alive.
+
+        Why: a gloo worker can hold the last reference to a tensor that Python created
+        (a collective's input) a moment after the collective completed. If that reference
+        drops while the interpreter is finalizing, freeing the tensor needs the GIL, the
+        thread is torn down by ``pthread_exit`` inside a noexcept destructor, and the
+        process aborts with "terminate called without an active exception" (a rank dying
+        at exit, more often on a loaded machine). The group's destructor joins the
+        workers (releasing the GIL), but only once nothing references the group any more;
+        that is why gradients are averaged here rather than by DistributedDataParallel,
+        whose construction leaves references to the group behind for the process's life."""
+        if not self._owns_process_group or not torch.distributed.is_initialized():
+            return
+        torch.distributed.destroy_process_group()
+        gc.collect()
+        self._owns_process_group = False
+        alive = gloo_worker_threads()
+        if alive:
+            warnings.warn(f"rank {self.rank}: {alive} gloo worker threads still running after the process "
+                          "group was destroyed; the process may abort at exit", RuntimeWarning, stacklevel=2)
+
     def _log_row(self, train: dict | None, val: dict, grad_norm: float) -> None:
         row = {"step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
                "grad_norm": grad_norm, "time_s": round(self.elapsed, 4),
@@ -907,7 +985,11 @@ def train(config: TrainConfig | str | os.PathLike, out_dir: str | os.PathLike, r
         for key, value in overrides.items():
             _set_nested(data, key, value)
         config = TrainConfig.from_dict(data)
-    return Trainer(config, out_dir, resume=resume, progress=progress).run(stop_after=stop_after)
+    trainer = Trainer(config, out_dir, resume=resume, progress=progress)
+    try:
+        return trainer.run(stop_after=stop_after)
+    finally:
+        trainer.close()
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -934,13 +1016,15 @@ def _run_train(args: argparse.Namespace) -> int:
         overrides["steps"] = args.steps
     config = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / (config.name or Path(args.config).stem)
-    result = Trainer(config, out, resume=args.resume, progress=not args.no_progress).run()
-    if int(os.environ.get("RANK", "0")) == 0:
+    trainer = Trainer(config, out, resume=args.resume, progress=not args.no_progress)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    if trainer.rank == 0:
         last = result["metrics"][-1] if result["metrics"] else {}
         summary = {k: last.get(k) for k in ("step", "train_dynamics", "train_score", "val_dynamics", "val_score")}
         print(f"trained to step {result['step']}: {json.dumps(summary)}\ncheckpoint: {result['checkpoint']}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
 
 
