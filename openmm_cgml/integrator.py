@@ -7,6 +7,12 @@ that pybind11 owns, so an unmodified :class:`openmm.Context` or
 with the GIL released by openmm's own ``step`` wrapper.
 
 The TorchScript contract the models must follow is in ``docs/contract.md``.
+
+Trust: integrator XML (``XmlSerializer``, pickles of this class) carries the TorchScript
+models, which are code, and Context checkpoints are loaded into them; treat both like
+PyTorch treats pickles and load them only from trusted sources. Restoring validates
+shapes, sizes and lengths, so a corrupt, truncated or mismatched file raises a clean
+exception instead of crashing, but that does not make an untrusted file safe.
 """
 from __future__ import annotations
 
@@ -196,7 +202,10 @@ class CGMLIntegrator(openmm.Integrator):
     def setUsesPeriodicBoundaryConditions(self, periodic: bool | None) -> None:
         """Whether the models see the periodic box. None (default) follows
         ``System.usesPeriodicBoundaryConditions()``; a CG System without forces reports
-        False, so periodic CG systems set True here (``LearnedSimulator`` does)."""
+        False, so periodic CG systems set True here (``LearnedSimulator`` does). True on
+        a System that does not use PBC requires its box to have been set with
+        ``System.setDefaultPeriodicBoxVectors``: OpenMM's untouched default (a 2 nm cube)
+        is refused when the Context is created, since the models would take it as real."""
         self._impl.setPeriodicMode(-1 if periodic is None else int(bool(periodic)))
 
     def getUsesPeriodicBoundaryConditions(self) -> bool | None:
@@ -221,7 +230,9 @@ class CGMLIntegrator(openmm.Integrator):
     @classmethod
     def deserialize(cls, xml: str) -> "CGMLIntegrator":
         """Rebuild from ``XmlSerializer.serialize(integrator)`` output, with the full Python API.
-        (``openmm.XmlSerializer.deserialize`` also works, giving a plain ``openmm.Integrator``.)"""
+        (``openmm.XmlSerializer.deserialize`` also works, giving a plain ``openmm.Integrator``.)
+        The XML contains TorchScript models (code): only load XML from trusted sources.
+        Corrupt XML raises ``CGMLError`` (or ``openmm.OpenMMException`` through openmm)."""
         integrator = cls.__new__(cls)
         integrator._attach(_cgml.CGMLIntegratorImpl.deserialize(xml))
         return integrator

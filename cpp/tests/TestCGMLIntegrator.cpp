@@ -7,11 +7,14 @@
 #include "openmm/Platform.h"
 #include "openmm/State.h"
 #include "openmm/System.h"
+#include "openmm/VirtualSite.h"
 #include "openmm/serialization/XmlSerializer.h"
 #include "openmm_cgml/CGMLIntegrator.h"
 #include "openmm_cgml/internal/Base64.h"
+#include "openmm_cgml/internal/LearnedStep.h"
 #include <torch/script.h>
 #include <cmath>
+#include <cstring>
 #include <iostream>
 #include <random>
 #include <sstream>
@@ -35,6 +38,35 @@ static std::string harmonicModel(double k, double stdev, int seqLen) {
     module.save(bytes);
     return bytes.str();
 }
+
+/** A dynamics module from TorchScript source; extra attributes: numFeatures >= 0 declares num_features. */
+static std::string customModel(const std::string& body, int seqLen = 2, double stepSizePs = 0.5, int numFeatures = -1) {
+    torch::jit::Module module("Custom");
+    module.register_attribute("seq_len", c10::IntType::get(), seqLen);
+    module.register_attribute("step_size_ps", c10::FloatType::get(), stepSizePs);
+    if (numFeatures >= 0)
+        module.register_attribute("num_features", c10::IntType::get(), numFeatures);
+    module.define("def forward(self, history: Tensor, box: Tensor, features: Tensor, bonds: Tensor) -> Tuple[Tensor, Tensor, Tensor]:\n"
+                  "    x = history[-1]\n" + body);
+    std::ostringstream bytes;
+    module.save(bytes);
+    return bytes.str();
+}
+
+template <class E, class F>
+static std::string expectThrow(F f, const std::string& contains, int line) {
+    try {
+        f();
+    }
+    catch (const E& e) {
+        std::string what = e.what();
+        if (what.find(contains) == std::string::npos)
+            throw std::runtime_error("line " + std::to_string(line) + ": message '" + what + "' lacks '" + contains + "'");
+        return what;
+    }
+    throw std::runtime_error("line " + std::to_string(line) + ": expected an exception containing '" + contains + "'");
+}
+#define EXPECT_THROW(E, code, contains) expectThrow<E>([&]() { code; }, contains, __LINE__)
 
 static std::string gaussianScore() {
     torch::jit::Module module("Score");
@@ -166,6 +198,172 @@ static void testErrors() {
     ASSERT(threw);
 }
 
+static std::string int64Bytes(std::initializer_list<int64_t> values) {
+    std::string out;
+    for (int64_t v : values)
+        out.append((const char*) &v, sizeof(v));
+    return out;
+}
+
+// Restoring a state validates everything first and changes nothing on failure (issue 10).
+static void testRestoreValidation() {
+    const int n = 4;
+    System system = makeSystem(n);
+    CGMLIntegrator integrator(harmonicModel(0.1, 0.01, 3));
+    integrator.setRandomNumberSeed(3);
+    Context context(system, integrator, Platform::getPlatformByName("Reference"));
+    context.setPositions(randomPositions(n, 5));
+    integrator.step(2);
+    std::ostringstream good;
+    integrator.getLearnedStep().writeState(good);
+    const std::string state = good.str();
+    const std::vector<double> before = integrator.getHistory();
+    auto restore = [&](const std::string& bytes) {
+        std::istringstream stream(bytes);
+        integrator.restoreState(stream);
+    };
+    auto unchanged = [&]() {
+        ASSERT(integrator.getHistory() == before);
+        ASSERT(integrator.getHistoryFrames() == 3 && integrator.getHistoryBeads() == n);
+    };
+    // every truncation is refused
+    for (size_t cut = 0; cut < state.size(); cut += (cut < 200 ? 1 : 97)) {
+        EXPECT_THROW(OpenMMException, restore(state.substr(0, cut)), "CGMLIntegrator checkpoint");
+        unchanged();
+    }
+    // another seq_len, either way
+    for (int other : {2, 5}) {
+        CGMLIntegrator writer(harmonicModel(0.1, 0, other));
+        System system2 = makeSystem(n);
+        Context context2(system2, writer, Platform::getPlatformByName("Reference"));
+        writer.step(1);
+        std::ostringstream stream;
+        writer.getLearnedStep().writeState(stream);
+        EXPECT_THROW(OpenMMException, restore(stream.str()),
+                     "history has " + std::to_string(other) + " frames but the dynamics model's seq_len is 3");
+        unchanged();
+    }
+    // sizes: another bead count, absurd sizes (never allocated), wrong dims, bad RNG size
+    const std::string magic = state.substr(0, 9);  // magic + has-history flag
+    const std::string rest = state.substr(9 + 8 * 4 + 3 * n * 3 * 8);  // the RNG part
+    EXPECT_THROW(OpenMMException, restore(magic + int64Bytes({3, 3, 5, 3}) + std::string(3 * 5 * 3 * 8, '\0') + rest),
+                 "history has 5 beads but the System has 4 particles");
+    EXPECT_THROW(OpenMMException, restore(magic + int64Bytes({3, 3, 1LL << 40, 3}) + rest), "1099511627776 beads");
+    EXPECT_THROW(OpenMMException, restore(magic + int64Bytes({2, 3, 4})), "2 dimensions, expected 3");
+    EXPECT_THROW(OpenMMException, restore(magic + int64Bytes({3, 3, 4, -1})), "negative size");
+    std::string badFlag = state;
+    badFlag[8] = 7;
+    EXPECT_THROW(OpenMMException, restore(badFlag), "bad history flag");
+    std::string shortRng = state.substr(0, 9 + 8 * 4 + 3 * n * 3 * 8) + int64Bytes({1, 16}) + std::string(16, '\0');
+    EXPECT_THROW(OpenMMException, restore(shortRng), "random state has 16 bytes");
+    std::string nan = state;
+    double value = std::nan("");
+    std::memcpy(&nan[9 + 8 * 4], &value, sizeof(value));
+    EXPECT_THROW(OpenMMException, restore(nan), "NaN");
+    unchanged();
+    // unbound: the bead count is free, but no size may claim more bytes than remain
+    CGMLIntegrator unbound(harmonicModel(0.1, 0, 3));
+    std::istringstream huge(magic + int64Bytes({3, 3, 1LL << 40, 3}) + rest);
+    EXPECT_THROW(OpenMMException, unbound.restoreState(huge), "only");
+    ASSERT(!unbound.hasHistory());
+    std::istringstream overflow(magic + int64Bytes({3, 3, 1LL << 61, 3}) + rest);
+    EXPECT_THROW(OpenMMException, unbound.restoreState(overflow), "overflow");
+    // after all that, a real checkpoint still continues bit-identically
+    std::stringstream checkpoint;
+    context.createCheckpoint(checkpoint);
+    std::vector<Vec3> reference = positionsAfter(context, integrator, 3);
+    context.loadCheckpoint(checkpoint);
+    ASSERT(integrator.getHistory() == before);
+    std::vector<Vec3> again = positionsAfter(context, integrator, 3);
+    for (int i = 0; i < n; i++)
+        ASSERT(again[i] == reference[i]);
+}
+
+static void testXmlValidation() {
+    const int n = 3;
+    CGMLIntegrator integrator(harmonicModel(0.1, 0, 2));
+    integrator.setBeadFeatures(std::vector<float>(n * 2, 1.0f), n, 2);
+    integrator.setBonds({0, 1, 1, 2});
+    std::stringstream stream;
+    XmlSerializer::serialize<Integrator>(&integrator, "Integrator", stream);
+    const std::string xml = stream.str();
+    auto replaceBase64 = [&](const std::string& element, const std::string& bytes) {
+        size_t at = xml.find("<" + element + " ");
+        size_t start = xml.find("base64=\"", at) + 8, end = xml.find('"', start);
+        return xml.substr(0, start) + base64Encode(bytes) + xml.substr(end);
+    };
+    auto load = [](const std::string& text) {
+        std::stringstream in(text);
+        delete XmlSerializer::deserialize<Integrator>(in);
+    };
+    load(xml);
+    EXPECT_THROW(OpenMMException, load(replaceBase64("BeadFeatures", "abc")), "BeadFeatures holds 3 bytes");
+    EXPECT_THROW(OpenMMException, load(replaceBase64("BeadFeatures", std::string(28, '\0'))), "rows x columns = 3 x 2");
+    EXPECT_THROW(OpenMMException, load(replaceBase64("Bonds", "1234567")), "Bonds holds 7 bytes");
+    EXPECT_THROW(OpenMMException, load(replaceBase64("Bonds", std::string(40, '\0'))), "Bonds holds 40 bytes");
+    size_t state = xml.find("<State base64=\"") + 15;
+    EXPECT_THROW(OpenMMException, load(xml.substr(0, state) + "!!!!" + xml.substr(state)), "base64 of <State> is invalid");
+    size_t step = xml.find("stepSize=\"") + 10;
+    for (const char* bad : {"-0.5", "0", "inf", "nan"})
+        EXPECT_THROW(OpenMMException, load(xml.substr(0, step) + bad + xml.substr(xml.find('"', step))),
+                     "stepSize must be positive and finite");
+}
+
+static void testSystemAndModelChecks() {
+    auto bind = [](System& system, CGMLIntegrator& integrator) {
+        Context context(system, integrator, Platform::getPlatformByName("Reference"));
+    };
+    {
+        System system = makeSystem(3);
+        system.addConstraint(0, 1, 0.1);
+        CGMLIntegrator integrator(harmonicModel(0.1, 0, 2));
+        EXPECT_THROW(OpenMMException, bind(system, integrator), "1 constraint");
+    }
+    {
+        System system = makeSystem(3);
+        system.setParticleMass(2, 0.0);
+        CGMLIntegrator integrator(harmonicModel(0.1, 0, 2));
+        EXPECT_THROW(OpenMMException, bind(system, integrator), "particle 2 has zero mass");
+        system.setVirtualSite(2, new TwoParticleAverageSite(0, 1, 0.5, 0.5));
+        EXPECT_THROW(OpenMMException, bind(system, integrator), "particle 2 is a virtual site");
+    }
+    {
+        System system = makeSystem(3);
+        CGMLIntegrator integrator(harmonicModel(0.1, 0, 2));
+        integrator.setPeriodicMode(1);
+        EXPECT_THROW(OpenMMException, bind(system, integrator), "no periodic box of its own");
+        system.setDefaultPeriodicBoxVectors(Vec3(2.5, 0, 0), Vec3(0, 2.5, 0), Vec3(0, 0, 2.5));
+        bind(system, integrator);  // a box that was set: fine
+    }
+    // model attributes
+    EXPECT_THROW(std::invalid_argument, CGMLIntegrator(harmonicModel(0.1, 0, 0)), "seq_len must be in [1, 10000]");
+    EXPECT_THROW(std::invalid_argument, CGMLIntegrator(harmonicModel(0.1, 0, 10001)), "seq_len must be in [1, 10000]");
+    const std::string zeros = "    return torch.zeros_like(x), torch.zeros_like(x), torch.zeros([x.size(0), 1])\n";
+    EXPECT_THROW(std::invalid_argument, CGMLIntegrator(customModel(zeros, 2, INFINITY)), "step_size_ps must be positive and finite");
+    EXPECT_THROW(std::invalid_argument, CGMLIntegrator(customModel(zeros, 2, NAN)), "step_size_ps must be positive and finite");
+    CGMLIntegrator overridden(harmonicModel(0.1, 0, 2), "", 0.0, true);
+    EXPECT_THROW(std::invalid_argument, overridden.setStepSize(INFINITY), "positive and finite");
+    // declared feature width
+    CGMLIntegrator wide(customModel(zeros, 2, 0.5, 7));
+    EXPECT_THROW(std::invalid_argument, wide.setBeadFeatures(std::vector<float>(15), 3, 5),
+                 "bead features have 5 columns, the dynamics model expects 7");
+    {
+        System system = makeSystem(3);
+        EXPECT_THROW(OpenMMException, bind(system, wide), "expects 7 feature columns per bead");
+        wide.setBeadFeatures(std::vector<float>(21), 3, 7);
+        bind(system, wide);
+    }
+    // std < 0
+    {
+        System system = makeSystem(3);
+        CGMLIntegrator negative(customModel("    return torch.zeros_like(x), -torch.ones_like(x), torch.zeros([x.size(0), 1])\n"));
+        Context context(system, negative, Platform::getPlatformByName("Reference"));
+        context.setPositions(randomPositions(3, 1));
+        EXPECT_THROW(OpenMMException, negative.step(1), "std is negative");
+        ASSERT(context.getState(State::Positions).getStepCount() == 0);
+    }
+}
+
 int main() {
     try {
         Platform::loadPluginsFromDirectory(OPENMM_PLUGIN_DIR);
@@ -176,6 +374,9 @@ int main() {
         testRecurrence("CPU");
         testCheckpointAndSerialization();
         testErrors();
+        testRestoreValidation();
+        testXmlValidation();
+        testSystemAndModelChecks();
     }
     catch (const std::exception& e) {
         std::cout << "FAIL - ERROR.  Message: " << e.what() << std::endl;

@@ -28,6 +28,11 @@ torch::jit::Module loadArchive(const std::string& bytes, const std::string& what
         throw std::invalid_argument("could not load the " + what + " model as a TorchScript archive: " +
                                     e.what_without_backtrace());
     }
+    catch (const std::exception& e) {  // e.g. TorchScript compilation errors of a damaged archive
+        std::string message = e.what();
+        message.erase(0, message.find_first_not_of(" \n"));
+        throw std::invalid_argument("could not load the " + what + " model as a TorchScript archive: " + message);
+    }
 }
 
 torch::IValue requireAttribute(const torch::jit::Module& module, const std::string& what, const std::string& name) {
