@@ -29,6 +29,9 @@ pass a preset name such as ``chain-demo`` instead of a path)::
     score_weight: 1.0
     detach_latent: true
     dynamics_noise: true             # multi-scale history noise (METHOD.md step 4)
+    augment_rotations: null          # a random rotation of each training window (the
+                                     # boundary conditions' symmetry under PBC); null: on
+                                     # for backbones that are not rotation-equivariant (gns)
     train_max_windows: null          # keep only the first N training windows (debugging)
 
 Training scheme (decided here): the three networks are trained *jointly* with one Adam
@@ -38,7 +41,8 @@ embedding GNN see exactly the gradients they would get when trained alone; the s
 learns on the (moving) dynamics latent. ``models: dynamics`` trains without the score.
 
 Randomness: model initialisation uses ``seed``. Every random draw of a training step
-(position-noise level and noise, DSM level and noise) comes from a generator seeded by
+(position-noise level and noise, DSM level and noise, the augmenting rotation; all in
+``openmm_cgml.models.losses``) comes from a generator seeded by
 (seed, step, system, start frame) of each sample, so a step's loss does not depend on
 the number of DDP ranks nor on where a run was resumed. The window order is
 ``DistributedSampler``'s (seed, epoch) permutation; a global batch of B windows is the
@@ -128,6 +132,7 @@ class TrainConfig:
     score_weight: float = 1.0
     detach_latent: bool = True
     dynamics_noise: bool = True
+    augment_rotations: bool | None = None
     train_max_windows: int | None = None
     num_threads: int | None = None
     name: str = ""
@@ -322,58 +327,30 @@ class CGMLNet(nn.Module):
 
     def forward(self, batch: dict, noise: dict, score_weight: float = 1.0,
                 detach_latent: bool = True) -> dict[str, torch.Tensor]:
-        from openmm_cgml.models import acceleration_target, gaussian_nll
+        """Losses of one batch under the draws of ``models.losses.sample_noise``:
+        the window rotated (augmentation), its input frames noised, the DSM noise."""
+        from openmm_cgml.models.losses import dynamics_loss, rotate_positions, score_loss
 
         features = self.bead_features(batch)
-        history = batch["history"]
+        history, target = batch["history"], batch["target"]
+        if noise.get("rotation") is not None:
+            history = rotate_positions(history, noise["rotation"])
+            target = rotate_positions(target, noise["rotation"])
         if noise.get("history") is not None:
             history = history + noise["history"]
-        mean, std, latent = self.dynamics.forward_batch(history, batch["box"], features, batch["cg_bonds"],
-                                                        batch["batch"])
-        target = acceleration_target(history, batch["target"])
-        nll = gaussian_nll(mean, std, target, self.dynamics.acceleration_scale)
+        nll, latent = dynamics_loss(self.dynamics, history, target, batch["box"], features, batch["cg_bonds"],
+                                    batch["batch"])
         out = {"dynamics": nll}
         if self.score is not None:
             if detach_latent:
                 latent = latent.detach()
-            sigma = noise["score_sigma"].unsqueeze(1)  # [N, 1]
-            x = batch["target"]
-            noisy = x + sigma * noise["score_z"]
-            score = self.score.forward_batch(noisy, latent, batch["box"], features, batch["cg_bonds"],
-                                             batch["batch"], sigma)
-            target_score = -(noisy - x) / sigma.square()
-            dsm = 0.5 * ((score - target_score).square().sum(dim=1) * sigma.square().squeeze(1)).mean()
+            dsm = score_loss(self.score, target, latent, batch["box"], features, batch["cg_bonds"],
+                             batch["batch"], noise["score_sigma"], noise["score_z"])
             out["score"] = dsm
             out["total"] = nll + score_weight * dsm
         else:
             out["total"] = nll
         return out
-
-
-def sample_noise(batch: dict, seed: int, step: int, noise_ladder: torch.Tensor | None,
-                 score_ladder: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
-    """Per-sample random draws from generators seeded by (seed, step, system, start_frame)."""
-    history = batch["history"]
-    T = history.size(0)
-    hist_parts, sig_parts, z_parts = [], [], []
-    for g in range(batch["system"].numel()):
-        n = int(batch["n_beads"][g])
-        key = [int(seed) & 0xFFFFFFFF, int(step) & 0xFFFFFFFF, int(batch["system"][g]),
-               int(batch["start_frame"][g])]
-        gen_seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
-        gen = torch.Generator().manual_seed(gen_seed)
-        if noise_ladder is not None:
-            level = noise_ladder[torch.randint(0, noise_ladder.numel(), (1,), generator=gen)]
-            hist_parts.append(torch.randn(T, n, 3, generator=gen) * level)
-        if score_ladder is not None:
-            level = score_ladder[torch.randint(0, score_ladder.numel(), (1,), generator=gen)]
-            sig_parts.append(level.expand(n))
-            z_parts.append(torch.randn(n, 3, generator=gen))
-    return {
-        "history": torch.cat(hist_parts, dim=1).to(history.dtype) if hist_parts else None,
-        "score_sigma": torch.cat(sig_parts).to(history.dtype) if sig_parts else None,
-        "score_z": torch.cat(z_parts).to(history.dtype) if z_parts else None,
-    }
 
 
 # ----------------------------------------------------------------------------- data
@@ -697,6 +674,8 @@ class Trainer:
                                             feature_mean, feature_std)
         if self.net.score is not None:
             self.net.score.set_normalization(self.stats["mass_mean"], self.stats["mass_std"])
+        self.augment_rotations = (config.augment_rotations if config.augment_rotations is not None
+                                  else self.model_config.backbone != "et")
         self.noise_ladder = self.model_config.noise_sigmas() if config.dynamics_noise else None
         self.score_ladder = self.net.score.sigmas.clone() if self.net.score is not None else None
         self.optimizer = make_optimizer(self.net.parameters(), config)
@@ -838,6 +817,8 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Mean losses over a fixed subset of validation windows: clean history (no
         position noise), DSM noise drawn with a fixed key, so values are comparable."""
+        from openmm_cgml.models.losses import sample_noise
+
         if len(self.val_set) == 0:
             return {}
         self.net.eval()
@@ -847,7 +828,7 @@ class Trainer:
         weight = 0
         for start in range(0, len(indices), per_rank):
             batch = self.val_set.collate([self.val_set[i] for i in indices[start:start + per_rank]])
-            noise = sample_noise(batch, self.config.seed, -1, None, self.score_ladder)
+            noise = sample_noise(batch, self.config.seed, -1, None, self.score_ladder, rotate=False)
             losses = self.net(batch, noise, self.config.score_weight, True)
             n = int(batch["system"].numel())
             for key, value in losses.items():
@@ -860,6 +841,8 @@ class Trainer:
     def run(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train up to ``config.steps`` (or stop once ``stop_after`` steps are done,
         checkpointing there: an interruption that ``--resume`` continues exactly)."""
+        from openmm_cgml.models.losses import sample_noise
+
         config = self.config
         self._setup()
         last = self.out / "checkpoints" / "last.pt"
@@ -888,7 +871,8 @@ class Trainer:
         t_last = time.perf_counter()
         while self.step < target:
             batch = next(data)
-            noise = sample_noise(batch, config.seed, self.step, self.noise_ladder, self.score_ladder)
+            noise = sample_noise(batch, config.seed, self.step, self.noise_ladder, self.score_ladder,
+                                 rotate=self.augment_rotations)
             losses = self.net(batch, noise, config.score_weight, config.detach_latent)
             self.optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()

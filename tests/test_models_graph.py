@@ -141,3 +141,21 @@ def test_cell_list_sparse_periodic_box():
     pos = torch.cat([pos, pos + 0.3 * torch.randn(100, 3, dtype=torch.float64, generator=gen)])
     senders, receivers = radius_edges(pos, box, 0.7, "cell_list")
     assert set(zip(senders.tolist(), receivers.tolist())) == brute_force_pairs(pos, box, 0.7, images=1)
+
+
+def test_box_rotations_of_augmentation_map_the_periodic_graph_onto_itself():
+    """The rotations by pi that training augmentation uses under PBC give the same edges
+    with rotated edge vectors, with positions outside the box and for both builders."""
+    torch.manual_seed(0)
+    box = torch.diag(torch.tensor([3.0, 3.5, 4.0]))
+    pos = torch.rand(300, 3) * torch.diagonal(box) + torch.randn(300, 3)
+    bonds = torch.zeros(0, 2, dtype=torch.long)
+    for method in ("all_pairs", "cell_list"):
+        s1, r1, v1, _ = build_graph(pos, box, bonds, 0.9, method)
+        for diagonal in ([1, -1, -1], [-1, 1, -1], [-1, -1, 1]):
+            R = torch.diag(torch.tensor(diagonal, dtype=torch.float32))
+            s2, r2, v2, _ = build_graph(pos @ R.T, box, bonds, 0.9, method)
+            first = {(int(a), int(b)): v for a, b, v in zip(s1, r1, v1 @ R.T)}
+            second = {(int(a), int(b)): v for a, b, v in zip(s2, r2, v2)}
+            assert first.keys() == second.keys() and len(first) > 300
+            assert max(float((second[k] - first[k]).abs().max()) for k in first) < 1e-5

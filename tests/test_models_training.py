@@ -2,11 +2,13 @@
 and the dataset-batch loss trains all three networks (embedding included)."""
 import math
 
+import pytest
 import torch
 
-from openmm_cgml.models import (ModelConfig, acceleration_target, add_history_noise, batch_losses,
-                                build_dynamics_model, build_embedding_model, build_score_model, dsm_loss,
-                                dynamics_loss, gaussian_nll, trajectory_statistics)
+from openmm_cgml.models import (ModelConfig, acceleration_target, build_dynamics_model, build_embedding_model,
+                                build_score_model, dynamics_loss, gaussian_nll, trajectory_statistics)
+from openmm_cgml.models.losses import (dsm_loss, random_rotation, rotate_positions, sample_noise, score_loss,
+                                       symmetry_rotation)
 
 torch.set_num_threads(1)
 
@@ -108,7 +110,9 @@ def test_score_dsm_loss_falls():
     optimizer = torch.optim.Adam(score.parameters(), lr=3e-3, foreach=True)
 
     def loss_on(seed):
-        return dsm_loss(score, x, latent, box, features, bonds, batch, generator=torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)
+        sigma = score.sigmas[torch.randint(0, 3, (copies,), generator=g)][batch]
+        return score_loss(score, x, latent, box, features, bonds, batch, sigma, torch.randn(x.shape, generator=g))
 
     with torch.no_grad():
         before = sum(loss_on(seed).item() for seed in range(4)) / 4
@@ -131,10 +135,91 @@ def test_gaussian_nll_and_noise():
     # network units only shift the value by log(scale)
     scaled = gaussian_nll(mean, std, target, torch.tensor(2.0)).item()
     assert abs(scaled - (expected - math.log(2.0))) < 1e-6
-    history = torch.zeros(3, 1000, 3)
-    batch = torch.cat([torch.zeros(500, dtype=torch.long), torch.ones(500, dtype=torch.long)])
-    noisy = add_history_noise(history, batch, torch.tensor([0.01]), torch.Generator().manual_seed(0))
-    assert abs(noisy.std().item() - 0.01) < 1e-3
+    # DSM: the zero score scores 1.5 (0.5 per axis) at any sigma; the exact score 0
+    clean = torch.zeros(2000, 3)
+    for level in (0.01, 1.0):
+        sigma = torch.full((2000, 1), level)
+        noisy = clean + sigma * torch.randn(2000, 3, generator=torch.Generator().manual_seed(1))
+        assert abs(dsm_loss(torch.zeros_like(noisy), noisy, clean, sigma).item() - 1.5) < 0.1
+        assert dsm_loss(-(noisy - clean) / sigma.square(), noisy, clean, sigma).item() < 1e-8
+
+
+def two_graph_batch(n=500, box=None):
+    """The keys ``sample_noise`` reads, for two graphs of ``n`` beads."""
+    return {"history": torch.zeros(3, 2 * n, 3), "n_beads": torch.tensor([n, n]), "system": torch.tensor([0, 1]),
+            "start_frame": torch.tensor([7, 7]), "box": torch.zeros(2, 3, 3) if box is None else box}
+
+
+def test_training_noise_levels_and_per_sample_draws():
+    noise = sample_noise(two_graph_batch(), 0, 5, torch.tensor([0.01]), torch.tensor([0.3, 0.2]))
+    assert noise["history"].shape == (3, 1000, 3) and abs(noise["history"].std().item() - 0.01) < 1e-3
+    # one DSM level per graph, from the ladder
+    for sig in (noise["score_sigma"][:500], noise["score_sigma"][500:]):
+        assert sig.unique().numel() == 1 and float(sig[0]) in (pytest.approx(0.3), pytest.approx(0.2))
+    assert noise["rotation"] is None
+    # switching the rotation on adds draws after the others: those stay the same
+    rotated = sample_noise(two_graph_batch(), 0, 5, torch.tensor([0.01]), torch.tensor([0.3, 0.2]), rotate=True)
+    assert torch.equal(rotated["history"], noise["history"]) and torch.equal(rotated["score_z"], noise["score_z"])
+
+
+def test_random_rotations_are_proper_and_cover_directions():
+    g = torch.Generator().manual_seed(0)
+    rotations = torch.stack([random_rotation(g) for _ in range(2000)])
+    eye = torch.eye(3, dtype=torch.float64).expand(2000, 3, 3)
+    torch.testing.assert_close(rotations @ rotations.transpose(1, 2), eye, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.linalg.det(rotations), torch.ones(2000, dtype=torch.float64))
+    # uniform: the image of a fixed vector has mean ~0 and covariance I/3
+    images = rotations @ torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    assert images.mean(0).abs().max() < 0.05
+    torch.testing.assert_close(images.T @ images / 2000, eye[0] / 3, atol=0.03, rtol=0)
+    # an orthorhombic box only gets the rotations by pi that map its lattice onto itself
+    box = torch.diag(torch.tensor([3.0, 4.0, 5.0]))
+    seen = {tuple(torch.diagonal(symmetry_rotation(g, box)).tolist()) for _ in range(200)}
+    assert seen == {(1.0, 1.0, 1.0), (1.0, -1.0, -1.0), (-1.0, 1.0, -1.0), (-1.0, -1.0, 1.0)}
+    triclinic = box.clone()
+    triclinic[1, 0] = 1.0
+    assert torch.equal(symmetry_rotation(g, triclinic), torch.eye(3, dtype=torch.float64))
+
+
+def test_rotated_window_gives_rotated_target():
+    """Augmentation rotates input frames and target together: the loss of a batch under
+    rotation R equals the loss of the model on R-rotated frames with the R-rotated
+    acceleration as target; the gns model is not equivariant, so the loss changes."""
+    from openmm_cgml.train import CGMLNet
+
+    torch.manual_seed(0)
+    cfg = config()
+    frames = spring_chain(n_beads=6)
+    n = frames.size(1)
+    atom_type, atom_masses, fine_bonds, bond_type, bead_of_atom = fine_graph(n)
+    bonds = torch.stack([torch.arange(n - 1), torch.arange(1, n)], dim=1)
+    batch = {"history": frames[0:4], "target": frames[4], "batch": torch.zeros(n, dtype=torch.long),
+             "cg_bonds": bonds, "box": torch.zeros(1, 3, 3), "atom_type": atom_type, "atom_masses": atom_masses,
+             "fine_bonds": fine_bonds, "bond_type": bond_type, "bead_of_atom": bead_of_atom,
+             "atom_batch": torch.zeros(2 * n, dtype=torch.long), "system": torch.tensor([0]),
+             "n_beads": torch.tensor([n]), "start_frame": torch.tensor([0])}
+    net = CGMLNet(cfg, 3, 2, with_score=False).eval()
+    noise = sample_noise(batch, 0, 0, None, None, rotate=True)
+    R = noise["rotation"][0]
+    assert not torch.allclose(R, torch.eye(3, dtype=torch.float64))
+    with torch.no_grad():
+        augmented = net(batch, noise)["dynamics"]
+        plain = net(batch, {"rotation": None})["dynamics"]
+        features = net.bead_features(batch)
+        history = (frames[0:4].double() @ R.T).float()
+        target = (frames[4].double() @ R.T).float()
+        by_hand, _ = dynamics_loss(net.dynamics, history, target, batch["box"], features, bonds, batch["batch"])
+    torch.testing.assert_close(augmented, by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acceleration_target(history, target),
+                               (acceleration_target(frames[0:4], frames[4]).double() @ R.T).float(),
+                               rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # not equivariant: the rotated input does not give the rotated prediction
+        mean_rotated = net.dynamics.forward_batch(history, batch["box"], features, bonds, batch["batch"])[0]
+        mean_plain = net.dynamics.forward_batch(frames[0:4], batch["box"], features, bonds, batch["batch"])[0]
+    mismatch = (mean_rotated - (mean_plain.double() @ R.T).float()).norm() / mean_plain.norm()
+    assert mismatch > 0.05, float(mismatch)
+    assert float(plain) != float(augmented)
+    torch.testing.assert_close(rotate_positions(frames[4], noise["rotation"]), target)
 
 
 def test_dataset_batch_losses_train_all_networks():
@@ -157,11 +242,15 @@ def test_dataset_batch_losses_train_all_networks():
         "bond_type": two(bond_type),
         "bead_of_atom": torch.cat([bead_of_atom, bead_of_atom + n]),
     }
-    embedding = build_embedding_model(cfg, 3, 2)
-    dynamics = build_dynamics_model(cfg)
-    score = build_score_model(cfg)
-    losses = batch_losses(embedding, dynamics, score, batch, cfg.noise_sigmas(), torch.Generator().manual_seed(0))
-    (losses["dynamics"] + losses["score"]).backward()
+    from openmm_cgml.train import CGMLNet
+
+    batch.update({"atom_batch": torch.repeat_interleave(torch.arange(2), 2 * n), "system": torch.tensor([0, 0]),
+                  "n_beads": torch.tensor([n, n]), "start_frame": torch.tensor([0, 3])})
+    net = CGMLNet(cfg, 3, 2)
+    embedding, dynamics, score = net.embedding, net.dynamics, net.score
+    noise = sample_noise(batch, 0, 0, cfg.noise_sigmas(), score.sigmas, rotate=True)
+    losses = net(batch, noise, detach_latent=False)
+    losses["total"].backward()
     for model in (embedding, dynamics, score):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and any(float(g.abs().sum()) > 0 for g in grads), type(model).__name__

@@ -8,8 +8,8 @@ from .export import (ExportError, export_dynamics, export_models, export_module,
                      find_custom_ops, verify_archive)
 from .gns import GNSDynamics, GNSScore
 from .graph import EDGE_BOND, EDGE_RADIUS, EDGE_SELF, build_graph, build_graph_batched, radius_edges
-from .losses import (acceleration_target, add_history_noise, batch_losses, dsm_loss, dynamics_loss,
-                     gaussian_nll, trajectory_statistics)
+from .losses import (acceleration_target, dsm_loss, dynamics_loss, gaussian_nll, sample_noise, score_loss,
+                     trajectory_statistics)
 
 _LAZY = {"ETDynamics": "et", "ETScore": "et", "ETBackbone": "et"}
 
@@ -27,6 +27,6 @@ __all__ = [
     "geometric_ladder", "AtomEmbeddingGNN", "ExportError", "export_dynamics", "export_models",
     "export_module", "export_score", "find_custom_ops", "verify_archive", "GNSDynamics", "GNSScore",
     "EDGE_BOND", "EDGE_RADIUS", "EDGE_SELF", "build_graph", "build_graph_batched", "radius_edges",
-    "acceleration_target", "add_history_noise", "batch_losses", "dsm_loss", "dynamics_loss",
-    "gaussian_nll", "trajectory_statistics",
+    "acceleration_target", "dsm_loss", "dynamics_loss", "gaussian_nll", "sample_noise", "score_loss",
+    "trajectory_statistics",
 ]  # ET classes are lazy (torchmd-net import) and left out of * imports

@@ -1,18 +1,24 @@
-"""Training losses (METHOD.md steps 4 and 5) and the dynamics training noise.
+"""The training objective, in one place: the losses (docs: METHOD steps 4 and 5), the
+training noise and the data augmentation. ``openmm_cgml.train`` and the tests use these
+functions and nothing else.
 
 All functions work on batched graphs: beads of B graphs concatenated along the bead
 axis with ``batch`` [N] giving each bead's graph, as in ``openmm_cgml.dataset``'s
-batches. Random draws take an optional ``torch.Generator`` for reproducibility.
+batches. Every random draw of a training sample comes from a generator seeded by
+(seed, step, system, start frame) of that sample (``sample_generator``), so a sample's
+noise does not depend on which batch, DDP rank or resumed run it lands in.
 """
 from __future__ import annotations
 
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
+# ----------------------------------------------------------------------------- losses
 def acceleration_target(history: Tensor, next_frame: Tensor) -> Tensor:
     """a = x_{t+1} - 2 x_t + x_{t-1}: the acceleration (nm/step^2) whose Euler update
     v = (x_t - x_{t-1}) + a, x_{t+1} = x_t + v lands on ``next_frame``."""
@@ -34,73 +40,113 @@ def gaussian_nll(mean: Tensor, std: Tensor, target: Tensor, scale: Optional[Tens
     return (torch.log(std) + 0.5 * z.square()).mean() + 0.5 * math.log(2.0 * math.pi)
 
 
-def sample_graph_sigmas(ladder: Tensor, num_graphs: int, generator: Optional[torch.Generator] = None) -> Tensor:
-    """One sigma per graph, drawn uniformly from the ladder."""
-    index = torch.randint(0, ladder.numel(), (num_graphs,), generator=generator, device=ladder.device)
-    return ladder[index]
-
-
-def _num_graphs(batch: Tensor) -> int:
-    return int(batch.max()) + 1 if batch.numel() > 0 else 0
-
-
-def add_history_noise(history: Tensor, batch: Tensor, ladder: Tensor,
-                      generator: Optional[torch.Generator] = None) -> Tensor:
-    """Training noise for the dynamics GNN: each graph's input frames get i.i.d.
-    Gaussian position noise with one sigma per graph drawn from ``ladder`` (nm)."""
-    sigma = sample_graph_sigmas(ladder.to(history.dtype), _num_graphs(batch), generator)[batch]
-    noise = torch.randn(history.shape, generator=generator, dtype=history.dtype, device=history.device)
-    return history + noise * sigma.view(1, -1, 1)
-
-
 def dynamics_loss(model, history: Tensor, next_frame: Tensor, boxes: Tensor, features: Tensor,
-                  bonds: Tensor, batch: Tensor, noise_ladder: Optional[Tensor] = None,
-                  generator: Optional[torch.Generator] = None):
-    """Gaussian NLL of the acceleration. With ``noise_ladder`` the inputs are noised and
-    the target stays clean: the acceleration that brings the noisy state to the clean
-    next frame, so the model learns to correct drift. Returns (loss, latent)."""
-    if noise_ladder is not None:
-        history = add_history_noise(history, batch, noise_ladder, generator)
+                  bonds: Tensor, batch: Tensor) -> tuple[Tensor, Tensor]:
+    """Gaussian NLL of the acceleration that takes ``history`` (possibly noised: then
+    the model learns to correct drift) to the clean ``next_frame``. Returns (loss, latent)."""
     mean, std, latent = model.forward_batch(history, boxes, features, bonds, batch)
     target = acceleration_target(history, next_frame)
     return gaussian_nll(mean, std, target, model.acceleration_scale), latent
 
 
-def dsm_loss(model, x: Tensor, latent: Tensor, boxes: Tensor, features: Tensor, bonds: Tensor,
-             batch: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Denoising score matching (NCSN, anneal power 2): sigma per graph from
-    ``model.sigmas``; x~ = x + sigma z; target = -(x~ - x)/sigma^2;
-    loss = 0.5 |score - target|^2 sigma^2, summed over xyz, mean over beads."""
-    sigma = sample_graph_sigmas(model.sigmas.to(x.dtype), _num_graphs(batch), generator)[batch].unsqueeze(1)
-    z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    noisy = x + sigma * z
-    score = model.forward_batch(noisy, latent, boxes, features, bonds, batch, sigma)
-    target = -(noisy - x) / sigma.square()
+def dsm_loss(score: Tensor, noisy: Tensor, clean: Tensor, sigma: Tensor) -> Tensor:
+    """Denoising score matching (NCSN, anneal power 2) of a predicted ``score`` at
+    ``noisy`` = clean + sigma z; sigma [N, 1] per bead: target = -(noisy - clean)/sigma^2,
+    loss = 0.5 |score - target|^2 sigma^2, summed over xyz, mean over beads. A score of
+    zero scores 1.5 whatever sigma (the no-information value)."""
+    target = -(noisy - clean) / sigma.square()
     return 0.5 * ((score - target).square().sum(dim=1) * sigma.square().squeeze(1)).mean()
 
 
-def batch_losses(embedding, dynamics, score, batch: dict, noise_ladder: Optional[Tensor] = None,
-                 generator: Optional[torch.Generator] = None, detach_latent: bool = False) -> dict:
-    """Both losses for one ``openmm_cgml.dataset`` batch (keys history, target, batch,
-    cg_bonds, box, atom_type, atom_masses, fine_bonds, bond_type, bead_of_atom).
+def score_loss(model, clean: Tensor, latent: Tensor, boxes: Tensor, features: Tensor, bonds: Tensor,
+               batch: Tensor, sigma: Tensor, z: Tensor) -> Tensor:
+    """``dsm_loss`` of the score GNN at clean + sigma z (sigma [N] or [N, 1], z [N, 3])."""
+    sigma = sigma.reshape(-1, 1).to(clean.dtype)
+    noisy = clean + sigma * z.to(clean.dtype)
+    score = model.forward_batch(noisy, latent, boxes, features, bonds, batch, sigma)
+    return dsm_loss(score, noisy, clean, sigma)
 
-    The embedding GNN is trained through the dynamics loss; the score model gets the
-    dynamics latent (detached if ``detach_latent``)."""
+
+# ----------------------------------------------------------------------------- randomness
+def sample_generator(seed: int, step: int, system: int, start_frame: int) -> torch.Generator:
+    """The generator of one training sample's random draws."""
+    key = [int(seed) & 0xFFFFFFFF, int(step) & 0xFFFFFFFF, int(system), int(start_frame)]
+    gen_seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(gen_seed)
+
+
+def random_rotation(generator: torch.Generator) -> Tensor:
+    """A uniformly distributed proper rotation [3, 3] (float64), from a normalised
+    Gaussian quaternion."""
+    q = torch.randn(4, generator=generator, dtype=torch.float64)
+    w, x, y, z = (q / q.norm()).tolist()
+    return torch.tensor([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ], dtype=torch.float64)
+
+
+# rotations by pi about x, y and z (and none): they map an orthorhombic lattice onto itself
+_BOX_ROTATIONS = torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64)
+
+
+def symmetry_rotation(generator: torch.Generator, box: Tensor) -> Tensor:
+    """A random rotation that leaves the system's boundary conditions unchanged: any
+    rotation without periodic box (all-zero ``box``), one of the four box-preserving
+    rotations by pi of an orthorhombic box, and the identity for a triclinic box."""
+    if not bool(box.abs().sum() > 0):
+        return random_rotation(generator)
+    if bool((box - torch.diag(torch.diagonal(box))).abs().sum() > 0):
+        return torch.eye(3, dtype=torch.float64)
+    index = int(torch.randint(0, 4, (1,), generator=generator))
+    return torch.diag(_BOX_ROTATIONS[index])
+
+
+def sample_noise(batch: dict, seed: int, step: int, noise_ladder: Optional[Tensor],
+                 score_ladder: Optional[Tensor], rotate: bool = False) -> dict[str, Optional[Tensor]]:
+    """Every random draw of a training batch, per sample from ``sample_generator``:
+
+    - ``history`` [T, N, 3]: Gaussian position noise on the input frames, one sigma per
+      graph from ``noise_ladder`` (the target stays clean), or None;
+    - ``score_sigma`` [N], ``score_z`` [N, 3]: the DSM noise level (one per graph, from
+      ``score_ladder``) and unit noise, or None;
+    - ``rotation`` [N, 3, 3] (float64, per bead): with ``rotate``, a random symmetry
+      rotation per graph (``symmetry_rotation``), else None.
+
+    Draw order is fixed (history, score, rotation), so switching one off does not change
+    the others."""
     history = batch["history"]
-    features = embedding.bead_features(
-        batch["atom_type"], batch["atom_masses"], batch["fine_bonds"], batch["bond_type"],
-        batch["bead_of_atom"], history.size(1),
-    )
-    nll, latent = dynamics_loss(
-        dynamics, history, batch["target"], batch["box"], features, batch["cg_bonds"], batch["batch"],
-        noise_ladder, generator,
-    )
-    if detach_latent:
-        latent = latent.detach()
-    dsm = dsm_loss(score, batch["target"], latent, batch["box"], features, batch["cg_bonds"], batch["batch"], generator)
-    return {"dynamics": nll, "score": dsm}
+    T = history.size(0)
+    hist_parts, sig_parts, z_parts, rot_parts = [], [], [], []
+    for g in range(batch["system"].numel()):
+        n = int(batch["n_beads"][g])
+        gen = sample_generator(seed, step, int(batch["system"][g]), int(batch["start_frame"][g]))
+        if noise_ladder is not None:
+            level = noise_ladder[torch.randint(0, noise_ladder.numel(), (1,), generator=gen)]
+            hist_parts.append(torch.randn(T, n, 3, generator=gen) * level)
+        if score_ladder is not None:
+            level = score_ladder[torch.randint(0, score_ladder.numel(), (1,), generator=gen)]
+            sig_parts.append(level.expand(n))
+            z_parts.append(torch.randn(n, 3, generator=gen))
+        if rotate:
+            rot_parts.append(symmetry_rotation(gen, batch["box"][g]).expand(n, 3, 3))
+    return {
+        "history": torch.cat(hist_parts, dim=1).to(history.dtype) if hist_parts else None,
+        "score_sigma": torch.cat(sig_parts).to(history.dtype) if sig_parts else None,
+        "score_z": torch.cat(z_parts).to(history.dtype) if z_parts else None,
+        "rotation": torch.cat(rot_parts) if rot_parts else None,
+    }
 
 
+def rotate_positions(positions: Tensor, rotation: Tensor) -> Tensor:
+    """Rotate [..., N, 3] positions bead by bead with ``rotation`` [N, 3, 3] (about the
+    origin: every backbone sees only relative positions)."""
+    rotated = torch.einsum("nij,...nj->...ni", rotation, positions.to(torch.float64))
+    return rotated.to(positions.dtype)
+
+
+# ----------------------------------------------------------------------------- statistics
 def trajectory_statistics(positions: Tensor, dilation: int = 1) -> tuple[float, float]:
     """(velocity std, acceleration std) per component, nm/step and nm/step^2, of a CG
     trajectory [F, N, 3] (unwrapped) at one learned step = ``dilation`` frames."""
