@@ -29,6 +29,7 @@ N_BEADS = 5
 SEQ_LEN = 3
 SEED = 20261202
 CASES_PER_KIND = {"truncate": 100, "flip": 150, "field": 100, "payload": 150}
+FOREIGN = "intact, of another seq_len"
 MAX_CRASHES = int(os.environ.get("CGML_FUZZ_MAX_CRASHES", "10"))
 
 
@@ -116,6 +117,7 @@ def make_cases(checkpoint: bytes, xml: bytes, foreign: dict[int, tuple[bytes, by
     rng = np.random.default_rng(SEED)
     cases = [("checkpoint", "pristine", checkpoint)]
     bases = [("own", checkpoint)] * 3 + [(f"seq_len {k}", c) for k, (c, _) in foreign.items()]
+    cases += [("checkpoint", f"seq_len {k}: {FOREIGN}", c) for k, (c, _) in foreign.items()]
     for i in range(CASES_PER_KIND["truncate"]):
         label, base = bases[i % len(bases)]
         ours = base.find(b"CGMLCKP1")
@@ -150,10 +152,10 @@ def make_cases(checkpoint: bytes, xml: bytes, foreign: dict[int, tuple[bytes, by
         element = elements[i % len(elements)]
         start, end = payload(xml, element)
         data = base64.b64decode(xml[start:end])
-        if element == "State" and i % 6 == 0:  # the state of an integrator with another seq_len
+        if element == "State" and i in (0, 6):  # the state of an integrator with another seq_len
             other, (_, other_xml) = list(foreign.items())[(i // 6) % len(foreign)]
             o_start, o_end = payload(other_xml, "State")
-            data, what = base64.b64decode(other_xml[o_start:o_end]), f"from seq_len {other}"
+            data, what = base64.b64decode(other_xml[o_start:o_end]), f"{FOREIGN}, seq_len {other}"
         elif i % 2:
             cut = int(rng.integers(0, len(data) + 1))
             extra = bytes(rng.integers(0, 256, int(rng.integers(0, 20))).astype(np.uint8)) if i % 4 == 1 else b""
@@ -227,13 +229,14 @@ def worker(workdir: Path, start: int, stop: int) -> None:
 
 
 # --- the harness ----------------------------------------------------------------------------
-def run_worker(workdir: Path, start: int, stop: int, timeout: float = 300) -> tuple[dict[int, str], int]:
+def run_worker(workdir: Path, start: int, stop: int, timeout: float = 120) -> tuple[dict[int, str], int]:
     command = [sys.executable, str(Path(__file__).resolve()), "worker", str(workdir), str(start), str(stop)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         stdout, code = result.stdout, result.returncode
     except subprocess.TimeoutExpired as expired:
-        stdout, code = (expired.stdout or b"").decode() if isinstance(expired.stdout, bytes) else (expired.stdout or ""), -999
+        output = expired.stdout or b""
+        stdout, code = (output.decode() if isinstance(output, bytes) else output), -999  # a hang counts as a crash
     outcomes = {}
     for line in stdout.splitlines():
         if line and not line.startswith("#"):
@@ -291,6 +294,12 @@ def describe(summary: dict) -> str:
     for index, outcome in sorted(summary["outcomes"].items()):
         if outcome.startswith("bad"):
             lines.append(f"  BAD case {index} ({summary['descriptions'][index]}): {outcome}")
+    foreign = [i for i, what in enumerate(summary["descriptions"]) if FOREIGN in what]
+    accepted = [i for i in foreign if not summary["outcomes"].get(i, "").startswith("exception")]
+    lines.append(f"  intact inputs of another seq_len: {len(foreign)}, not refused: {len(accepted)}")
+    for index in accepted:
+        lines.append(f"  ACCEPTED case {index} ({summary['descriptions'][index]}): "
+                     f"{summary['outcomes'].get(index, 'crash')}")
     return "\n".join(lines)
 
 
@@ -308,6 +317,11 @@ def test_corrupt_checkpoints_and_xml_fail_cleanly(tmp_path):
         assert summary["outcomes"][first].startswith("loaded"), report
         assert counts["exceptions"] > counts["cases"] // 2, report
         assert counts["exceptions"] + counts["loads"] == counts["cases"], report
+    # an intact checkpoint / State of an integrator with another seq_len must be refused
+    foreign = [i for i, what in enumerate(summary["descriptions"]) if FOREIGN in what]
+    assert len(foreign) >= 4, report
+    for index in foreign:
+        assert summary["outcomes"][index].startswith("exception"), report
 
 
 if __name__ == "__main__":
