@@ -242,13 +242,23 @@ def export_simulator(embedding, dynamics, score, ckpt: dict[str, Any], out_dir: 
     return out
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, verify: bool = True) -> Path:
-    """Export a training checkpoint (``checkpoints/last.pt`` or a run directory)."""
+def run_checkpoint(run_dir: str | os.PathLike, last: bool = False) -> Path:
+    """The checkpoint of a training run directory to export: ``checkpoints/best.pt`` (the
+    one its model selection chose, by rollout validation when it ran) unless ``last``
+    or the run has none, then ``checkpoints/last.pt``."""
+    directory = Path(run_dir) / "checkpoints"
+    best = directory / "best.pt"
+    return best if best.is_file() and not last else directory / "last.pt"
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, verify: bool = True,
+                      last: bool = False) -> Path:
+    """Export a training checkpoint file, or a run directory's (``run_checkpoint``)."""
     from openmm_cgml.train import build_models_from_checkpoint, load_checkpoint
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
-        checkpoint = checkpoint / "checkpoints" / "last.pt"
+        checkpoint = run_checkpoint(checkpoint, last)
     ckpt = load_checkpoint(checkpoint)
     net = build_models_from_checkpoint(ckpt)
     return export_simulator(net.embedding, net.dynamics, net.score, ckpt, out_dir, verify=verify)
@@ -258,7 +268,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from openmm_cgml.models import ExportError
 
     try:
-        out = export_checkpoint(args.checkpoint, args.out)
+        out = export_checkpoint(args.checkpoint, args.out, last=args.last)
     except (ExportError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"cgml export: cannot export {args.checkpoint}: {err} (nothing was written to {args.out})",
               file=sys.stderr)
@@ -274,6 +284,9 @@ def add_cli(subparsers) -> None:
         "export", help="package a checkpoint for simulation (TorchScript + embedding + manifest)",
         description="Write dynamics.pt / score.pt (verified in a fresh process), embedding.pt "
                     "and simulator.json for openmm_cgml.LearnedSimulator.")
-    parser.add_argument("checkpoint", help="checkpoint file or run directory")
+    parser.add_argument("checkpoint", help="checkpoint file, or a run directory (its checkpoints/best.pt, "
+                                           "chosen by rollout validation; --last for checkpoints/last.pt)")
+    parser.add_argument("--last", action="store_true",
+                        help="with a run directory: export its last checkpoint instead of its best")
     parser.add_argument("-o", "--out", required=True, help="output directory")
     parser.set_defaults(func=_run_export)

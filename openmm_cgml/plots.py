@@ -28,6 +28,7 @@ __all__ = [
     "plot_collision_rate",
     "plot_free_energy_surfaces",
     "plot_loss_curves",
+    "plot_training_curves",
 ]
 
 _REF_STYLE = dict(color="black", lw=2.0)
@@ -276,35 +277,58 @@ def plot_free_energy_surfaces(fes: _an.FreeEnergySurface, vmax: float | None = N
 
 def plot_loss_curves(csv_path, path=None, title=None, logy: bool | None = None) -> Figure:
     """Training curves from a CSV with a header: a ``step`` column plus any number of
-    loss columns (blank/NaN entries, e.g. validation every k steps, are skipped).
-
-    logy=None: log scale iff all losses are positive (Gaussian NLL can be negative).
-    """
+    loss columns (blank/NaN entries, e.g. validation every k steps, are skipped); see
+    :func:`plot_training_curves`."""
     arr = np.genfromtxt(csv_path, delimiter=",", names=True, dtype=np.float64,
                         encoding="utf-8", invalid_raise=True)
     names = arr.dtype.names
     if not names or "step" not in names:
         raise ValueError(f"{csv_path}: needs a header with a 'step' column, got {names}")
-    losses = [c for c in names if c != "step"]
-    if not losses:
-        raise ValueError(f"{csv_path}: no loss columns")
     arr = np.atleast_1d(arr)
-    step = arr["step"]
-    fig, (ax,) = _figure(1, width=6.5)
-    allv = []
-    for i, c in enumerate(losses):
-        y = arr[c]
-        ok = np.isfinite(y) & np.isfinite(step)
-        allv.append(y[ok])
-        st = dict(color=_PALETTE[i % len(_PALETTE)], lw=1.4)
-        ax.plot(step[ok], y[ok], label=c, marker="o" if ok.sum() < 30 else None, ms=3, **st)
-    allv = np.concatenate(allv)
+    columns = {c: arr[c] for c in names if c != "step"}
+    if not columns:
+        raise ValueError(f"{csv_path}: no loss columns")
+    return plot_training_curves(arr["step"], columns, path=path, title=title, logy=logy)
+
+
+def plot_training_curves(step, losses: dict, rollout: dict | None = None, path=None, title=None,
+                         logy: bool | None = None) -> Figure:
+    """Loss curves against training step (``losses``: name -> values aligned with
+    ``step``; NaN entries, e.g. validation every k steps, are skipped) and, with
+    ``rollout`` (name -> values), a second panel of the rollout-validation metrics
+    beside them.
+
+    logy=None: log scale iff all losses are positive (Gaussian NLL can be negative).
+    """
+    step = np.asarray(step, dtype=np.float64)
+    if not losses:
+        raise ValueError("no loss columns")
+    rollout = {k: v for k, v in (rollout or {}).items() if np.isfinite(np.asarray(v, dtype=float)).any()}
+    fig, axes = _figure(2 if rollout else 1, width=6.5)
+
+    def draw(ax, series):
+        values = []
+        for i, (name, y) in enumerate(series.items()):
+            y = np.asarray(y, dtype=np.float64)
+            if y.shape != step.shape:
+                raise ValueError(f"{name}: {y.shape[0]} values for {step.shape[0]} steps")
+            ok = np.isfinite(y) & np.isfinite(step)
+            values.append(y[ok])
+            ax.plot(step[ok], y[ok], label=name, marker="o" if ok.sum() < 30 else None, ms=3,
+                    color=_PALETTE[i % len(_PALETTE)], lw=1.4)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        return np.concatenate(values) if values else np.zeros(0)
+
+    values = draw(axes[0], losses)
     if logy is None:
-        logy = allv.size > 0 and bool(np.all(allv > 0))
+        logy = values.size > 0 and bool(np.all(values > 0))
     if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        axes[0].set_yscale("log")
+    axes[0].set_ylabel("loss")
+    if rollout:
+        draw(axes[1], rollout)
+        axes[1].axhline(0.0, color="0.5", lw=0.8)
+        axes[1].set_ylabel("rollout validation (relative / per bead)")
     return _finish(fig, path, title)

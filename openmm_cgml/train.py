@@ -32,6 +32,13 @@ pass a preset name such as ``chain-demo`` instead of a path)::
     augment_rotations: null          # a random rotation of each training window (the
                                      # boundary conditions' symmetry under PBC); null: on
                                      # for backbones that are not rotation-equivariant (gns)
+    rollout: {enabled: true, steps: 100, starts: 4, systems: 4, score: false}
+                                     # rollout validation at each validation (see
+                                     # openmm_cgml.validation): `starts` reference windows
+                                     # of up to `systems` validation systems, `steps`
+                                     # learned steps each through CGMLIntegrator (with
+                                     # refinement if `score`); best.pt is chosen by its
+                                     # score, or by the validation NLL when it is off
     train_max_windows: null          # keep only the first N training windows (debugging)
 
 Training scheme (decided here): the three networks are trained *jointly* with one Adam
@@ -52,12 +59,15 @@ Outputs in ``--out`` (default: ``runs/<config name>``)::
 
     config.yaml          the resolved config
     metrics.csv          step, epoch, train_dynamics, train_score, train_total,
-                         val_dynamics, val_score, lr, grad_norm, time_s (wall
+                         val_dynamics, val_score, val_rollout_* (score, rg2_bias,
+                         collisions, relaxation_error, failures),
+                         val_reference_collisions, lr, grad_norm, time_s (wall
                          seconds in training steps, excluding validation and
                          checkpoints), cpu_s (process CPU seconds since start)
     loss_curves.png
-    checkpoints/step_<N>.pt, checkpoints/last.pt, checkpoints/best.pt (lowest
-                         validation dynamics NLL; `cgml export RUN/checkpoints/best.pt`)
+    checkpoints/step_<N>.pt, checkpoints/last.pt, checkpoints/best.pt (lowest rollout
+                         score, or validation dynamics NLL without rollouts; what
+                         `cgml export RUN` exports unless --last)
 
 Checkpoint format (``torch.save`` dict; only tensors and plain types, so it loads with
 ``torch.load(path, weights_only=True)``)::
@@ -100,8 +110,10 @@ from torch import nn
 
 CHECKPOINT_FORMAT = "openmm-cgml-checkpoint/1"
 CONFIG_DIR = Path(__file__).with_name("configs")
+ROLLOUT_COLUMNS = ["val_rollout_score", "val_rollout_rg2_bias", "val_rollout_collisions",
+                   "val_reference_collisions", "val_rollout_relaxation_error", "val_rollout_failures"]
 METRIC_COLUMNS = ["step", "epoch", "train_dynamics", "train_score", "train_total", "val_dynamics",
-                  "val_score", "lr", "grad_norm", "time_s", "cpu_s"]
+                  "val_score", *ROLLOUT_COLUMNS, "lr", "grad_norm", "time_s", "cpu_s"]
 
 
 # ----------------------------------------------------------------------------- config
@@ -133,6 +145,7 @@ class TrainConfig:
     detach_latent: bool = True
     dynamics_noise: bool = True
     augment_rotations: bool | None = None
+    rollout: dict = field(default_factory=dict)
     train_max_windows: int | None = None
     num_threads: int | None = None
     name: str = ""
@@ -165,6 +178,10 @@ class TrainConfig:
             self.optimizer["betas"] = [check_value("optimizer.betas", b, "float") for b in betas]
         require(self.optimizer.get("lr", 1.0) > 0, "optimizer.lr", self.optimizer.get("lr"), "> 0")
         self.schedule = check_mapping("schedule", self.schedule, _SCHEDULE_KEYS)
+        self.rollout = {**_ROLLOUT_DEFAULTS, **check_mapping("rollout", self.rollout, _ROLLOUT_KEYS)}
+        for key in ("steps", "starts", "systems"):
+            require(self.rollout[key] >= (2 if key == "steps" else 1), f"rollout.{key}", self.rollout[key],
+                    ">= 2" if key == "steps" else ">= 1")
         name = self.schedule.get("name", "cosine")
         require(name in ("cosine", "exponential", "constant"), "schedule.name", name,
                 "cosine, exponential or constant")
@@ -219,6 +236,8 @@ _OPTIMIZER_KEYS = {"name": "str", "lr": "float", "weight_decay": "float", "betas
                    "maximize": "bool", "foreach": "bool | None"}
 _SCHEDULE_KEYS = {"name": "str", "warmup_steps": "int", "min_lr_fraction": "float", "gamma": "float",
                   "decay_steps": "float"}
+_ROLLOUT_KEYS = {"enabled": "bool", "steps": "int", "starts": "int", "systems": "int", "score": "bool"}
+_ROLLOUT_DEFAULTS = {"enabled": True, "steps": 100, "starts": 4, "systems": 4, "score": False}
 
 
 def resolve_config_path(name: str | os.PathLike) -> Path:
@@ -608,26 +627,20 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def plot_metrics(metrics_csv: Path, png: Path) -> None:
-    """Loss curves (train/val dynamics NLL and DSM) from metrics.csv."""
-    from openmm_cgml.plots import plot_loss_curves
+def plot_metrics(rows: list[dict], png: Path) -> None:
+    """Loss curves (train/val NLL and DSM) and, beside them, the rollout validation."""
+    from openmm_cgml.plots import plot_training_curves
 
-    with open(metrics_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    columns = ["train_dynamics", "train_score", "val_dynamics", "val_score"]
-    columns = [c for c in columns if any(r.get(c) not in ("", None) for r in rows)]
-    if not rows or not columns:
+    def column(name):
+        return np.array([float(r[name]) if r.get(name) not in ("", None) else np.nan for r in rows])
+
+    losses = {c: column(c) for c in ("train_dynamics", "train_score", "val_dynamics", "val_score")}
+    losses = {c: v for c, v in losses.items() if np.isfinite(v).any()}
+    if not rows or not losses:
         return
-    tmp = png.with_suffix(".losses.csv")
-    with open(tmp, "w", newline="") as handle:
-        handle.write(",".join(["step"] + columns) + "\n")
-        for r in rows:
-            handle.write(",".join([r["step"]] + [r.get(c) or "nan" for c in columns]) + "\n")
-    import matplotlib.pyplot as plt
-
-    fig = plot_loss_curves(tmp, path=png, title=png.parent.name)
-    plt.close(fig)
-    tmp.unlink()
+    rollout = {c.removeprefix("val_"): column(c) for c in ("val_rollout_rg2_bias", "val_rollout_collisions",
+                                                            "val_reference_collisions")}
+    plot_training_curves(column("step"), losses, rollout, path=png, title=png.parent.name)
 
 
 class Trainer:
@@ -688,6 +701,13 @@ class Trainer:
         self.elapsed = 0.0
         self._cpu0 = time.process_time()
         self.periodic = any(s.periodic for s in self.train_set.systems)
+        self.validator = None
+        rollout = config.rollout
+        if rollout["enabled"] and config.val_every and len(self.val_set) and self.rank == 0:
+            from openmm_cgml.validation import RolloutValidator
+
+            self.validator = RolloutValidator(self.val_set, config.dilation, rollout["steps"], rollout["starts"],
+                                              rollout["systems"], config.seed, rollout["score"]) or None
         self.bond_type_of_pair = _bond_type_table(config.data_dir, config.system)
 
     def _checkpoint_dict(self) -> dict[str, Any]:
@@ -719,17 +739,24 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(),
             "metrics": dict(self.rows[-1]) if self.rows else {},
+            "selected_by": self.selection_metric,
             "versions": _versions(),
         }
 
+    @property
+    def selection_metric(self) -> str:
+        """The metrics column that chooses best.pt (lower is better)."""
+        return "val_rollout_score" if self.validator is not None else "val_dynamics"
+
     def _best_val(self) -> float:
-        """Lowest validation NLL logged before the newest row."""
-        values = [float(r["val_dynamics"]) for r in self.rows[:-1] if r.get("val_dynamics") not in (None, "")]
+        """Lowest selection metric logged before the newest row."""
+        key = self.selection_metric
+        values = [float(r[key]) for r in self.rows[:-1] if r.get(key) not in (None, "")]
         return min(values) if values else float("inf")
 
     def save_checkpoint(self, best: bool = False) -> Path | None:
         """``checkpoints/step_<N>.pt`` + ``last.pt``; with ``best``, ``best.pt`` only
-        (the lowest validation dynamics NLL so far)."""
+        (the lowest ``selection_metric`` so far)."""
         if self.rank != 0:
             return None
         directory = self.out / "checkpoints"
@@ -834,8 +861,11 @@ class Trainer:
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * n
             weight += n
+        result = {k: v / weight for k, v in totals.items()}
+        if self.validator is not None:
+            result.update(self.validator.evaluate(self.net))
         self.net.train()
-        return {k: v / weight for k, v in totals.items()}
+        return result
 
     # -- loop ----------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -901,7 +931,8 @@ class Trainer:
                 train = {k: float(np.mean(v)) for k, v in window.items()}
                 self._log_row(train, val, grad_norm)
                 _write_metrics(self.out / "metrics.csv", self.rows)
-                if "dynamics" in val and val["dynamics"] < self._best_val():
+                chosen_by = self.selection_metric
+                if chosen_by in self.rows[-1] and float(self.rows[-1][chosen_by]) < self._best_val():
                     self.save_checkpoint(best=True)
                 t_last = time.perf_counter()
             if do_log:
@@ -910,7 +941,7 @@ class Trainer:
                 self.save_checkpoint()
                 if self.rank == 0:
                     _write_metrics(self.out / "metrics.csv", self.rows)
-                    plot_metrics(self.out / "metrics.csv", self.out / "loss_curves.png")
+                    plot_metrics(self.rows, self.out / "loss_curves.png")
                 t_last = time.perf_counter()
         if bar is not None:
             bar.close()
@@ -952,9 +983,8 @@ class Trainer:
                "cpu_s": round(time.process_time() - self._cpu0, 3)}
         for key, value in (train or {}).items():
             row[f"train_{key}"] = value
-        for key in ("dynamics", "score"):
-            if key in val:
-                row[f"val_{key}"] = val[key]
+        for key, value in val.items():
+            row[f"val_{key}"] = value
         self.rows.append(row)
 
 

@@ -158,7 +158,7 @@ def verify_archive(path: str | os.PathLike, inputs: Sequence[Tensor], expected: 
     return verify_archives([(path, inputs, expected, attributes)], rtol, atol, timeout)[0]
 
 
-def _script_checked(model: nn.Module, kind: str) -> tuple[nn.Module, torch.jit.ScriptModule]:
+def script_checked(model: nn.Module, kind: str) -> tuple[nn.Module, torch.jit.ScriptModule]:
     if kind not in ("dynamics", "score"):
         raise ValueError("kind must be 'dynamics' or 'score'")
     # a copy: exporting must not switch the caller's (training) model to eval/float32
@@ -202,7 +202,7 @@ def export_module(model: nn.Module, path: str | os.PathLike, kind: str,
     """Script ``model`` (a dynamics or score module), check it (TorchScript, no custom
     ops, contract attributes), save it to ``path`` and verify the archive in a fresh
     process. ``kind``: "dynamics" or "score"."""
-    model, scripted = _script_checked(model, kind)
+    model, scripted = script_checked(model, kind)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scripted.save(str(path))
@@ -233,7 +233,7 @@ def export_models(dynamics: nn.Module, score: nn.Module, directory: str | os.Pat
     jobs, scripted_modules = [], []
     for model, kind, path, inputs in ((dynamics, "dynamics", paths[0], dynamics_inputs),
                                       (score, "score", paths[1], score_inputs)):
-        model, scripted = _script_checked(model, kind)
+        model, scripted = script_checked(model, kind)
         scripted.save(str(path))
         jobs.append(_verification_job(model, scripted, kind, path, inputs))
         scripted_modules.append(scripted)
