@@ -276,9 +276,10 @@ def fuzz(workdir: Path) -> dict:
         indices = [i for i, case in enumerate(cases) if case[0] == kind]
         summary[kind] = {
             "cases": len(indices),
-            "exceptions": sum(outcomes.get(i, "").startswith("exception") for i in indices),
-            "loads": sum(outcomes.get(i, "").startswith("loaded") for i in indices),
-            "bad loads": sum(outcomes.get(i, "").startswith("bad") for i in indices),
+            # a case that killed the worker counts as a crash even if it ran cleanly alone
+            "exceptions": sum(outcomes.get(i, "").startswith("exception") and i not in crashes for i in indices),
+            "loads": sum(outcomes.get(i, "").startswith("loaded") and i not in crashes for i in indices),
+            "bad loads": sum(outcomes.get(i, "").startswith("bad") and i not in crashes for i in indices),
             "crashes": sum(i in crashes for i in indices),
             "not run": sum(i not in outcomes and i not in crashes for i in indices),
         }
