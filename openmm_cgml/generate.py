@@ -1034,6 +1034,7 @@ def _run_import(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
+    from openmm_cgml.cli import non_negative_int, positive_int
     from openmm_cgml.systems import available_systems
     from openmm_cgml.systems.base import PRESETS
 
@@ -1044,18 +1045,19 @@ def add_cli(subparsers) -> None:
     parser.add_argument("system", choices=available_systems())
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
     parser.add_argument("--out", required=True, help="output data directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, help="number of training systems (chain; see --set for others)")
-    parser.add_argument("--n-test", type=int, help="number of test systems (chain)")
-    parser.add_argument("--n-frames", type=int, help="production frames per trajectory")
-    parser.add_argument("--n-monomers", type=int, help="chain length (chain system)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--n-train", type=non_negative_int,
+                        help="number of training systems (chain; see --set for others)")
+    parser.add_argument("--n-test", type=non_negative_int, help="number of test systems (chain)")
+    parser.add_argument("--n-frames", type=positive_int, help="production frames per trajectory")
+    parser.add_argument("--n-monomers", type=positive_int, help="chain length (chain system)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="any other make_specs override (value parsed as JSON)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="generate only these specs")
-    parser.add_argument("--chunk-frames", type=int, default=50,
+    parser.add_argument("--chunk-frames", type=positive_int, default=50,
                         help="frames between checkpoints (default 50)")
     parser.add_argument("--platform", default="CPU")
-    parser.add_argument("--threads", type=int, help="CPU platform threads")
+    parser.add_argument("--threads", type=positive_int, help="CPU platform threads")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run_generate)
 

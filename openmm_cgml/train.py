@@ -396,6 +396,7 @@ def build_datasets(config: TrainConfig):
         raise ValueError("the config needs data_dir (a generated data set)")
     if not Path(config.data_dir).is_dir():
         raise FileNotFoundError(f"data_dir {config.data_dir} does not exist; make it with `cgml generate`")
+    config.check_system_filter()
     train_set, val_set = make_train_val_datasets(
         config.data_dir, config.cg_level, config.seq_len, config.dilation, config.val_fraction,
         seed=config.split_seed, stride=config.stride, kind=config.system,
@@ -874,12 +875,12 @@ class Trainer:
         from openmm_cgml.models.losses import sample_noise
 
         config = self.config
-        self._setup()
         last = self.out / "checkpoints" / "last.pt"
+        if not self.resume and last.exists():  # every rank: each then stops with this message
+            raise FileExistsError(f"{self.out} already holds a run; use --resume or another --out")
+        self._setup()
         if self.resume:
             self._restore(*self._resume_checkpoint(last))
-        elif self.rank == 0 and last.exists():
-            raise FileExistsError(f"{self.out} already holds a run; use --resume or another --out")
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             import yaml

@@ -54,6 +54,9 @@ def test_unknown_config_name(capsys):
     ("schedule.warmup=10", "config key schedule: unknown keys ['warmup']"),
     ("lr=0.1", "unknown training config keys: ['lr']"),
     ("model.rounds.deep=1", "config key model.rounds is not a mapping"),
+    ("rollout.steps=1", "config key rollout.steps: must be >= 2, got 1"),
+    ("rollout.every=3", "config key rollout: unknown keys ['every']"),
+    ("augment_rotations=sometimes", "config key augment_rotations: expected"),
 ])
 def test_bad_config_value(capsys, override, message):
     code, err = run(capsys, "train", "chain-tiny", "--set", override)
@@ -284,3 +287,16 @@ def test_help_documents_the_exit_statuses(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "exit status 2" in out and "--debug" in out and "130" in out
     assert cli.EXIT_ERROR == 2 and cli.EXIT_INTERRUPTED == 130
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--n-train", "-1", "argument --n-train: must be >= 0, got -1"),
+    ("--threads", "0", "argument --threads: must be >= 1, got 0"),
+    ("--n-frames", "many", "argument --n-frames: expected an integer, got 'many'"),
+])
+def test_generate_refuses_bad_counts(capsys, tmp_path, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own usage error
+        cgml(["generate", "chain", "--out", str(tmp_path / "data"), option, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
