@@ -32,6 +32,10 @@ pass a preset name such as ``chain-demo`` instead of a path)::
     augment_rotations: null          # a random rotation of each training window (the
                                      # boundary conditions' symmetry under PBC); null: on
                                      # for backbones that are not rotation-equivariant (gns)
+    score_ladder_from_data: null     # [top, bottom]: the score ladder runs from top to
+                                     # bottom times the per-step spread (std) of the
+                                     # acceleration in the training data; null: the
+                                     # model's score_sigma_max/min as given
     rollout: {enabled: true, steps: 100, starts: 4, systems: 4, score: false}
                                      # rollout validation at each validation (see
                                      # openmm_cgml.validation): `starts` reference windows
@@ -90,6 +94,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import gc
 import importlib
 import json
@@ -146,6 +151,7 @@ class TrainConfig:
     dynamics_noise: bool = True
     augment_rotations: bool | None = None
     rollout: dict = field(default_factory=dict)
+    score_ladder_from_data: list | None = None
     train_max_windows: int | None = None
     num_threads: int | None = None
     name: str = ""
@@ -178,6 +184,11 @@ class TrainConfig:
             self.optimizer["betas"] = [check_value("optimizer.betas", b, "float") for b in betas]
         require(self.optimizer.get("lr", 1.0) > 0, "optimizer.lr", self.optimizer.get("lr"), "> 0")
         self.schedule = check_mapping("schedule", self.schedule, _SCHEDULE_KEYS)
+        if self.score_ladder_from_data is not None:
+            ladder = [check_value("score_ladder_from_data", v, "float") for v in self.score_ladder_from_data]
+            require(len(ladder) == 2 and 0 < ladder[1] <= ladder[0] < math.inf, "score_ladder_from_data", ladder,
+                    "[top, bottom] with top >= bottom > 0")
+            self.score_ladder_from_data = ladder
         self.rollout = {**_ROLLOUT_DEFAULTS, **check_mapping("rollout", self.rollout, _ROLLOUT_KEYS)}
         for key in ("steps", "starts", "systems"):
             require(self.rollout[key] >= (2 if key == "steps" else 1), f"rollout.{key}", self.rollout[key],
@@ -675,8 +686,13 @@ class Trainer:
             raise ValueError(f"training trajectories have different record intervals {sorted(intervals)}")
         self.record_interval_ps = float(trajectories[0].record_interval_ps)
         self.step_size_ps = config.dilation * self.record_interval_ps
-        self.model_config = config.model_config(self.step_size_ps)
         self.stats = data_statistics(self.train_set, config.dilation)
+        self.model_config = config.model_config(self.step_size_ps)
+        if config.score_ladder_from_data is not None:
+            top, bottom = config.score_ladder_from_data
+            spread = self.stats["acceleration_std"]
+            self.model_config = dataclasses.replace(self.model_config, score_sigma_max=top * spread,
+                                                    score_sigma_min=bottom * spread)
         self.net = CGMLNet(self.model_config, len(self.train_set.atom_vocabulary),
                            len(self.train_set.bond_vocabulary), with_score=config.models == "both")
         num_features = self.net.embedding.num_features
@@ -863,10 +879,40 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + float(value) * n
             weight += n
         result = {k: v / weight for k, v in totals.items()}
+        if self.net.score is not None and self.rank == 0:
+            self._log_dsm_levels(indices[:64])
         if self.validator is not None:
             result.update(self.validator.evaluate(self.net))
         self.net.train()
         return result
+
+    @torch.no_grad()
+    def _log_dsm_levels(self, indices: list[int]) -> None:
+        """Validation DSM loss at each level of the ladder, appended to dsm_levels.csv
+        beside its no-information value (1.5: a zero score): where the level lies below
+        the data's own next-step spread, little more is learnable."""
+        from openmm_cgml.models.losses import sample_noise, score_loss
+
+        batch = self.val_set.collate([self.val_set[i] for i in indices])
+        noise = sample_noise(batch, self.config.seed, -1, None, self.score_ladder)
+        features = self.net.bead_features(batch)
+        _, _, latent = self.net.dynamics.forward_batch(batch["history"], batch["box"], features, batch["cg_bonds"],
+                                                       batch["batch"])
+        path = self.out / "dsm_levels.csv"
+        kept = []  # rows of earlier steps (a resumed run rewrites what came after its checkpoint)
+        if path.exists():
+            with open(path, newline="") as handle:
+                kept = [r for r in csv.reader(handle)][1:]
+            kept = [r for r in kept if int(r[0]) < self.step]
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["step", "level", "sigma_nm", "val_dsm", "no_information"])
+            writer.writerows(kept)
+            for level, sigma in enumerate(self.score_ladder.tolist()):
+                value = score_loss(self.net.score, batch["target"], latent, batch["box"], features,
+                                   batch["cg_bonds"], batch["batch"], torch.full_like(noise["score_sigma"], sigma),
+                                   noise["score_z"])
+                writer.writerow([self.step, level, f"{sigma:.6g}", f"{float(value):.6g}", 1.5])
 
     # -- loop ----------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> dict[str, Any]:

@@ -106,7 +106,7 @@ def test_score_dsm_loss_falls():
     x = frames[0].repeat(copies, 1)
     score = build_score_model(cfg)
     # sigmas comparable to the structure (bond 0.35 nm)
-    score.sigmas = torch.tensor([0.2, 0.1, 0.05])
+    score.set_sigmas(torch.tensor([0.2, 0.1, 0.05]))
     optimizer = torch.optim.Adam(score.parameters(), lr=3e-3, foreach=True)
 
     def loss_on(seed):
@@ -259,3 +259,30 @@ def test_dataset_batch_losses_train_all_networks():
     assert features.shape == (2 * n, cfg.num_features)
     bead_mass = torch.zeros(2 * n).index_add_(0, batch["bead_of_atom"], batch["atom_masses"])
     torch.testing.assert_close(features[:, -1], bead_mass)
+
+
+@pytest.mark.parametrize("backbone", ["gns", "et"])
+def test_score_network_is_told_sigma(backbone):
+    """GNN(x, sigma) = sigma * score depends on sigma when conditioned (the default), and
+    not at all when ``score_sigma_input`` is off (the authors' network)."""
+    torch.manual_seed(0)
+    frames = spring_chain(n_beads=6)
+    n = frames.size(1)
+    bonds = torch.stack([torch.arange(n - 1), torch.arange(1, n)], dim=1)
+    for conditioned in (True, False):
+        cfg = config(backbone)
+        cfg.score_sigma_input = conditioned
+        score = build_score_model(cfg).eval()
+        assert score.sigma_conditioned == conditioned
+        features = torch.randn(n, cfg.num_features)
+        latent = torch.randn(n, cfg.latent_dim)
+        with torch.no_grad():
+            a, b = (score(frames[0], latent, torch.zeros(3, 3), features, bonds, torch.tensor(s)) * s
+                    for s in (0.05, 0.5))
+        difference = float((a - b).abs().max() / a.abs().max())
+        assert (difference > 1e-3) if conditioned else (difference < 1e-5), (conditioned, difference)
+    # set_sigmas moves the standardisation of log sigma with the ladder
+    score.set_sigmas(torch.tensor([0.4, 0.2, 0.1]))
+    assert float(score.log_sigma_shift) == pytest.approx(float(torch.log(torch.tensor(0.2))), rel=1e-5)
+    with pytest.raises(ValueError):
+        score.set_sigmas(torch.tensor([0.1, 0.2]))

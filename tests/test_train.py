@@ -132,6 +132,25 @@ def test_checkpoint_loads_with_weights_only(chain_data_dir, tmp_path):
     assert net.dynamics.seq_len == 3 and net.score is not None
 
 
+def test_score_ladder_from_data_and_dsm_per_level(chain_data_dir, tmp_path):
+    config = tiny_config(chain_data_dir, steps=2, val_every=2, checkpoint_every=2, score_ladder_from_data=[3.0, 0.1],
+                         rollout={"enabled": False})
+    train(config, tmp_path / "run", progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    spread = ckpt["data_statistics"]["acceleration_std"]
+    assert ckpt["model_config"]["score_sigma_max"] == pytest.approx(3.0 * spread)
+    assert ckpt["model_config"]["score_sigma_min"] == pytest.approx(0.1 * spread)
+    sigmas = ckpt["score"]["sigmas"]
+    assert float(sigmas[0]) == pytest.approx(3.0 * spread, rel=1e-5)
+    assert float(sigmas[-1]) == pytest.approx(0.1 * spread, rel=1e-5)
+    with open(tmp_path / "run" / "dsm_levels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    levels = len(sigmas)
+    assert [int(r["step"]) for r in rows] == [0] * levels + [2] * levels  # step 0 and the end
+    assert [float(r["sigma_nm"]) for r in rows[:levels]] == pytest.approx(sigmas.tolist(), rel=1e-5)
+    assert all(float(r["no_information"]) == 1.5 and np.isfinite(float(r["val_dsm"])) for r in rows)
+
+
 def test_same_seed_same_losses(chain_data_dir, tmp_path):
     config = tiny_config(chain_data_dir, steps=8, val_every=4, log_every=1, checkpoint_every=100)
     runs = [read_metrics(train(config, tmp_path / name, progress=False)["out"]) for name in ("a", "b")]

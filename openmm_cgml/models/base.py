@@ -5,7 +5,8 @@ Contract (run by the C++ integrator; float32, nm, CPU):
   dynamics.forward(history [T,N,3], box [3,3], features [N,F], bonds [E,2])
       -> (mean [N,3], std [N,3], latent [N,L])     acceleration in nm/step^2
   score.forward(x [N,3], latent [N,L], box, features, bonds, sigma [])
-      -> score [N,3] = GNN(x) / sigma
+      -> score [N,3] = GNN(x, sigma) / sigma   (the GNN is told log sigma unless
+                                               sigma_conditioned is False)
 """
 
 from typing import Tuple
@@ -154,17 +155,22 @@ class DynamicsBase(nn.Module):
 class ScoreBase(nn.Module):
     """Contract wrapper of a score GNN; subclasses implement ``predict`` (returns GNN(x),
     which ``forward`` divides by sigma). ``sigmas`` is the annealing ladder (nm, largest
-    first); the bead mass (last feature column) is standardised by ``mass_shift`` and
-    ``mass_scale``."""
+    first). Per-bead conditions (``conditions``): the bead mass (last feature column)
+    standardised by ``mass_shift`` and ``mass_scale`` and, when ``sigma_conditioned``,
+    log sigma standardised over the ladder: a network that is not told the noise level
+    must guess it from the noisy positions, and at levels below the data's own spread it
+    cannot (its output then pulls beads toward the predicted mode)."""
 
     latent_dim: int
+    sigma_conditioned: bool
     num_features: int
     langevin_steps: int
     langevin_step_size: float
     cutoff: float
 
     def __init__(self, latent_dim: int, num_features: int, cutoff: float, sigmas: Tensor,
-                 langevin_steps: int, langevin_step_size: float, graph_method: str = "auto"):
+                 langevin_steps: int, langevin_step_size: float, graph_method: str = "auto",
+                 sigma_conditioned: bool = True):
         super().__init__()
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         if sigmas.dim() != 1 or sigmas.numel() == 0 or bool((sigmas <= 0).any()):
@@ -174,6 +180,7 @@ class ScoreBase(nn.Module):
         if langevin_steps < 0 or langevin_step_size <= 0:
             raise ValueError("langevin_steps must be >= 0 and langevin_step_size > 0")
         self.latent_dim = int(latent_dim)
+        self.sigma_conditioned = bool(sigma_conditioned)
         self.num_features = int(num_features)
         self.langevin_steps = int(langevin_steps)
         self.langevin_step_size = float(langevin_step_size)
@@ -182,6 +189,34 @@ class ScoreBase(nn.Module):
         self.register_buffer("sigmas", sigmas.clone())
         self.register_buffer("mass_shift", torch.tensor(0.0))
         self.register_buffer("mass_scale", torch.tensor(1.0))
+        log_ladder = torch.log(sigmas.double())
+        self.register_buffer("log_sigma_shift", log_ladder.mean().float())
+        self.register_buffer("log_sigma_scale", log_ladder.std().float() if sigmas.numel() > 1
+                             else torch.tensor(1.0))
+
+    @property
+    def num_conditions(self) -> int:
+        """Width of ``conditions``: the standardised mass, and log sigma if conditioned."""
+        return 2 if self.sigma_conditioned else 1
+
+    def set_sigmas(self, sigmas: Tensor) -> None:
+        """Replace the ladder (nm, largest first), e.g. one derived from the data."""
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+        if sigmas.dim() != 1 or sigmas.numel() == 0 or bool((sigmas <= 0).any()) or \
+                bool((sigmas[1:] > sigmas[:-1]).any()):
+            raise ValueError("sigmas must be a non-empty 1-D tensor of positive values, largest first")
+        self.sigmas = sigmas.clone()
+        log_ladder = torch.log(sigmas.double())
+        self.log_sigma_shift.fill_(float(log_ladder.mean()))
+        self.log_sigma_scale.fill_(float(log_ladder.std()) if sigmas.numel() > 1 else 1.0)
+
+    def conditions(self, features: Tensor, sigma: Tensor) -> Tensor:
+        """[N, num_conditions] per-bead inputs besides the latent; ``sigma`` [] or [N, 1]."""
+        mass = self.normalized_mass(features)
+        if not self.sigma_conditioned:
+            return mass
+        log_sigma = (torch.log(sigma.to(mass.dtype)) - self.log_sigma_shift) / self.log_sigma_scale
+        return torch.cat([mass, log_sigma.reshape(-1, 1).expand(mass.size(0), 1)], dim=1)
 
     @torch.jit.unused
     def set_normalization(self, mass_mean: float, mass_std: float) -> None:
@@ -202,7 +237,8 @@ class ScoreBase(nn.Module):
         if sigma.numel() != 1:
             raise ValueError("sigma must be a single value")
         senders, receivers, edge_vec, edge_type = self.graph(x, box, bonds)
-        out = self.predict(latent, features, senders, receivers, edge_vec, edge_type)
+        out = self.predict(latent, self.conditions(features, sigma.reshape(())), senders, receivers, edge_vec,
+                           edge_type)
         return out / sigma.reshape(())
 
     @torch.jit.unused
@@ -211,10 +247,10 @@ class ScoreBase(nn.Module):
         """Training entry: graphs concatenated along the bead axis; ``sigma`` per bead [N]
         or a scalar."""
         senders, receivers, edge_vec, edge_type = self.graph.batched(x, boxes, bonds, batch)
-        out = self.predict(latent, features, senders, receivers, edge_vec, edge_type)
         sigma = sigma.reshape(-1, 1) if sigma.dim() > 0 else sigma
+        out = self.predict(latent, self.conditions(features, sigma), senders, receivers, edge_vec, edge_type)
         return out / sigma
 
-    def predict(self, latent: Tensor, features: Tensor, senders: Tensor, receivers: Tensor,
+    def predict(self, latent: Tensor, conditions: Tensor, senders: Tensor, receivers: Tensor,
                 edge_vec: Tensor, edge_type: Tensor) -> Tensor:
         raise NotImplementedError("a score backbone must implement predict")

@@ -114,6 +114,7 @@ class ModelConfig:
     score_levels: int = 20
     langevin_steps: int = 5
     langevin_step_size: float = 5e-7  # 5e-5 A^2, in nm^2
+    score_sigma_input: bool = True  # the score GNN is told log sigma (the authors' is not)
     # dynamics training noise: 0.1 -> 0.01 A, 10 levels
     noise_sigma_max: float = 0.1 * ANGSTROM
     noise_sigma_min: float = 0.01 * ANGSTROM
@@ -206,11 +207,12 @@ def build_score_model(config: ModelConfig, num_features: int | None = None, late
             latent_dim, num_features, config.score_sigmas(), config.cutoff, config.langevin_steps,
             config.langevin_step_size, config.latent_dim, config.hidden_dim, config.hidden_layers,
             config.rounds, config.edge_type_dim, config.activation, config.graph_method,
+            config.score_sigma_input,
         )
     from .et import ETScore
 
     return ETScore(
         latent_dim, num_features, config.score_sigmas(), config.cutoff, config.langevin_steps,
         config.langevin_step_size, config.latent_dim, config.rounds, config.num_heads, config.num_rbf,
-        config.edge_type_dim, config.activation, config.graph_method,
+        config.edge_type_dim, config.activation, config.graph_method, config.score_sigma_input,
     )

@@ -192,7 +192,8 @@ class ETDynamics(DynamicsBase):
 
 
 class ETScore(ScoreBase):
-    """Scalars = dynamics latent ++ standardised mass; vectors start at zero."""
+    """Scalars = dynamics latent ++ conditions (standardised mass, log sigma); vectors
+    start at zero."""
 
     def __init__(
         self,
@@ -209,15 +210,17 @@ class ETScore(ScoreBase):
         edge_type_dim: int = 16,
         activation: str = "silu",
         graph_method: str = "auto",
+        sigma_conditioned: bool = True,
     ):
-        super().__init__(latent_dim, num_features, cutoff, sigmas, langevin_steps, langevin_step_size, graph_method)
+        super().__init__(latent_dim, num_features, cutoff, sigmas, langevin_steps, langevin_step_size, graph_method,
+                         sigma_conditioned)
         self.backbone = ETBackbone(
-            latent_dim + 1, 0, cutoff, hidden_channels, num_layers, num_heads, num_rbf, "expnorm",
+            latent_dim + self.num_conditions, 0, cutoff, hidden_channels, num_layers, num_heads, num_rbf, "expnorm",
             edge_type_dim, activation, activation,
         )
 
-    def predict(self, latent: Tensor, features: Tensor, senders: Tensor, receivers: Tensor,
+    def predict(self, latent: Tensor, conditions: Tensor, senders: Tensor, receivers: Tensor,
                 edge_vec: Tensor, edge_type: Tensor) -> Tensor:
-        scalars = torch.cat([latent, self.normalized_mass(features)], dim=1)
+        scalars = torch.cat([latent, conditions], dim=1)
         _, vector_out, _ = self.backbone(scalars, None, senders, receivers, edge_vec, edge_type)
         return vector_out

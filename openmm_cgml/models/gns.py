@@ -53,7 +53,8 @@ class GNSDynamics(DynamicsBase):
 
 
 class GNSScore(ScoreBase):
-    """Node input = dynamics latent ++ standardised bead mass; output 3 per bead."""
+    """Node input = dynamics latent ++ conditions (standardised bead mass, log sigma);
+    output 3 per bead."""
 
     def __init__(
         self,
@@ -70,15 +71,17 @@ class GNSScore(ScoreBase):
         edge_type_dim: int = 16,
         activation: str = "silu",
         graph_method: str = "auto",
+        sigma_conditioned: bool = True,
     ):
-        super().__init__(latent_dim, num_features, cutoff, sigmas, langevin_steps, langevin_step_size, graph_method)
+        super().__init__(latent_dim, num_features, cutoff, sigmas, langevin_steps, langevin_step_size, graph_method,
+                         sigma_conditioned)
         self.edge_features = EdgeFeatures(cutoff, edge_type_dim)
         self.gnn = EncodeProcessDecode(
-            latent_dim + 1, self.edge_features.dim, 3, hidden_latent_dim, hidden_dim, hidden_layers, rounds, activation
+            latent_dim + self.num_conditions, self.edge_features.dim, 3, hidden_latent_dim, hidden_dim, hidden_layers, rounds, activation
         )
 
-    def predict(self, latent: Tensor, features: Tensor, senders: Tensor, receivers: Tensor,
+    def predict(self, latent: Tensor, conditions: Tensor, senders: Tensor, receivers: Tensor,
                 edge_vec: Tensor, edge_type: Tensor) -> Tensor:
-        node_in = torch.cat([latent, self.normalized_mass(features)], dim=1)
+        node_in = torch.cat([latent, conditions], dim=1)
         out, _ = self.gnn(node_in, self.edge_features(edge_vec, edge_type), senders, receivers)
         return out
