@@ -116,3 +116,15 @@ def test_generated_chains_stay_bonded_and_thermalised(chain_data_dir, chain_sett
         temperatures.append(thermo[:, 3] / record.metadata["temperature_K"])
     # 3 chains x 30 frames x 16 beads: the mean of kT_kin/kT has a std of ~0.02
     assert np.mean(np.concatenate(temperatures)) == pytest.approx(1.0, abs=0.08)
+
+
+def test_several_chain_lengths_cycle_through_each_split():
+    from openmm_cgml.systems.chain import make_specs
+
+    specs = make_specs("tiny", 5, n_train=5, n_test=2, n_monomers=[10, 20])
+    lengths = {s.name: s.composition["n_monomers"] for s in specs}
+    assert [lengths[f"chain_train_{i:03d}"] for i in range(5)] == [10, 20, 10, 20, 10]
+    assert [lengths[f"chain_test_{i:03d}"] for i in range(2)] == [10, 20]
+    assert all(len(s.composition["sequence"]) == s.composition["n_monomers"] for s in specs)
+    # one length as before: the same specs as an int
+    assert make_specs("tiny", 5, n_monomers=[16]) == make_specs("tiny", 5, n_monomers=16)

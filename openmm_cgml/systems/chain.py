@@ -143,6 +143,8 @@ def make_specs(preset: str, seed: int, **overrides) -> list[SystemSpec]:
     """Train (class I) and test (class II) chain specs for ``preset``.
 
     Overrides: n_train, n_test, n_monomers, n_frames, n_frames_test, equilibration_tau.
+    ``n_monomers`` may be a list of lengths: the chains of each split cycle through it
+    (e.g. ``--set n_monomers=[30,50,70,100]``).
     """
     if preset not in PRESET_SETTINGS:
         raise ValueError(f"unknown chain preset {preset!r}; choose one of {PRESETS}")
@@ -153,13 +155,15 @@ def make_specs(preset: str, seed: int, **overrides) -> list[SystemSpec]:
             f"unknown chain override(s) {sorted(unknown)}; allowed: {sorted(settings)}"
         )
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    n_monomers = int(settings["n_monomers"])
-    if n_monomers < 2:
-        raise ValueError(f"a chain needs at least 2 monomers, got n_monomers={n_monomers}")
+    lengths = settings["n_monomers"]
+    lengths = [int(n) for n in lengths] if isinstance(lengths, (list, tuple)) else [int(lengths)]
+    if not lengths or min(lengths) < 2:
+        raise ValueError(f"a chain needs at least 2 monomers, got n_monomers={settings['n_monomers']}")
     rng = np.random.default_rng(seed)
     specs = []
     for split, count in (("train", settings["n_train"]), ("test", settings["n_test"])):
         for i in range(int(count)):
+            n_monomers = lengths[i % len(lengths)]
             if split == "train":
                 sequence, target_fraction = random_sequence(n_monomers, rng)
                 sequence_class = "I"
