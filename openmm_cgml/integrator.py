@@ -72,8 +72,10 @@ class CGMLIntegrator(openmm.Integrator):
 
     Each step: ``mean, std, latent = dynamics(history, box, features, bonds)``;
     ``a = mean + std z`` (``a = mean`` when deterministic); ``x = x_t + (x_t - x_{t-1}) + a``;
-    then, with a score model, for each sigma of its ladder, ``K`` times
-    ``x += eps * score(x, latent, ..., sigma) + sqrt(2 eps) z'``. The context's positions
+    then, with a score model, for each sigma_i of its ladder, ``K`` times
+    ``x += a_i * score(x, latent, ..., sigma_i) + sqrt(2 a_i) z'``, with ``a_i = eps``
+    (schedule ``"constant"``) or ``a_i = eps sigma_i^2 / sigma_L^2`` (``"ncsn"``; see
+    :meth:`setLangevinSchedule`). The context's positions
     become ``x``, its velocities ``(x - x_t) / dt``; time and step count advance.
     """
 
@@ -198,6 +200,25 @@ class CGMLIntegrator(openmm.Integrator):
 
     def getLangevinStepSize(self) -> float:
         return self._impl.getLangevinStepSize()
+
+    def setLangevinSchedule(self, schedule: str) -> None:
+        """Step size of each noise level: ``"constant"`` (every level uses eps) or ``"ncsn"``
+        (Song & Ermon 2019: level i uses ``eps * sigma_i**2 / sigma_L**2``, sigma_L the
+        smallest sigma of the ladder, so the last level uses eps). The default is the score
+        model's ``langevin_schedule`` attribute, or ``"constant"`` if it has none. Any other
+        value raises ValueError."""
+        if not isinstance(schedule, str):
+            raise TypeError(f"the Langevin schedule must be a str (\"constant\" or \"ncsn\"), "
+                            f"got {type(schedule).__name__}")
+        self._impl.setLangevinSchedule(schedule)
+
+    def getLangevinSchedule(self) -> str:
+        return self._impl.getLangevinSchedule()
+
+    def getLangevinStepSizes(self) -> np.ndarray:
+        """The Langevin step size of each level of the ladder (nm^2) under the current
+        schedule and step size (empty without a score model)."""
+        return np.asarray(self._impl.getLangevinStepSizes(), dtype=np.float64)
 
     def setUsesPeriodicBoundaryConditions(self, periodic: bool | None) -> None:
         """Whether the models see the periodic box. None (default) follows

@@ -117,6 +117,9 @@ PYBIND11_MODULE(_cgml, m) {
         .def("setLangevinSteps", &CGMLIntegrator::setLangevinSteps)
         .def("getLangevinStepSize", &CGMLIntegrator::getLangevinStepSize)
         .def("setLangevinStepSize", &CGMLIntegrator::setLangevinStepSize)
+        .def("getLangevinSchedule", &CGMLIntegrator::getLangevinSchedule)
+        .def("setLangevinSchedule", &CGMLIntegrator::setLangevinSchedule)
+        .def("getLangevinStepSizes", &CGMLIntegrator::getLangevinStepSizes)
         .def("getPeriodicMode", &CGMLIntegrator::getPeriodicMode)
         .def("setPeriodicMode", &CGMLIntegrator::setPeriodicMode)
         .def("serialize",

@@ -757,3 +757,249 @@ def test_forced_pbc_needs_a_box_that_was_set(tmp_path):
         other = CGMLIntegrator(echo)
         other.setUsesPeriodicBoundaryConditions(mode)
         openmm.Context(make_system(3)[1], other, openmm.Platform.getPlatformByName("Reference"))
+
+
+# --- Langevin step-size schedule (constant / NCSN) ---------------------------------------------
+class ScheduledGaussianScore(GaussianScore):
+    """GaussianScore that names its Langevin schedule (the optional ``langevin_schedule``)."""
+
+    def __init__(self, schedule="ncsn", **kwargs):
+        super().__init__(**kwargs)
+        self.langevin_schedule = schedule
+
+
+class SigmaScore(GaussianScore):
+    """Score of N(0, sigma^2): -x / sigma^2. Under NCSN every level contracts x by the same
+    factor 1 - eps / sigma_L^2 per Langevin step (alpha_i / sigma_i^2 = eps / sigma_L^2)."""
+
+    def forward(self, x: torch.Tensor, latent: torch.Tensor, box: torch.Tensor, features: torch.Tensor,
+                bonds: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return -x / (sigma * sigma)
+
+
+class LevelScore(GaussianScore):
+    """-(x - centre) / tau^2 at the noise level ``level`` of the ladder, 0 at the others:
+    the refinement then moves x only at that level, so its step size can be read off."""
+
+    def __init__(self, level: int, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("target", self.sigmas[level].clone())
+
+    def forward(self, x: torch.Tensor, latent: torch.Tensor, box: torch.Tensor, features: torch.Tensor,
+                bonds: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        score = -(x - self.centre) / (self.tau * self.tau)
+        return torch.where(sigma == self.target, score, torch.zeros_like(score))
+
+
+def ncsn_step_sizes(eps, sigmas):
+    """alpha_i = eps sigma_i^2 / sigma_L^2 with the model's float32 sigmas."""
+    s = np.asarray(sigmas, np.float32).astype(np.float64)
+    return eps * (s / s.min()) ** 2
+
+
+def annealed_langevin_reference(x0, v0, k, steps, seq_len, dt, tau, centre, sigmas, langevin_steps, alphas):
+    """Deterministic learned steps in NumPy: the harmonic dynamics step, then for each level i
+    K times x += alpha_i * score(x) with the toy model's float32 score."""
+    history = [x0 - (seq_len - 1 - i) * dt * v0 for i in range(seq_len)]
+    for _ in range(steps):
+        xt = history[-1]
+        xprev = history[-2] if seq_len > 1 else xt
+        x = xt + (xt - xprev) + (np.float32(-k) * xt.astype(np.float32)).astype(np.float64)
+        for alpha in alphas:
+            for _ in range(langevin_steps):
+                score = -(x.astype(np.float32) - np.float32(centre)) / np.float32(tau * tau)
+                x = x + alpha * score.astype(np.float64)
+        history.append(x)
+    return np.array(history)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("source", ["setter", "model attribute"])
+def test_ncsn_schedule_equals_numpy_reference_recurrence(tmp_path, platform, source):
+    k, tau, centre, sigmas, steps, eps = 0.1, 0.5, 0.1, (0.4, 0.2, 0.1), 3, 2e-3
+    dyn = save(HarmonicDynamics(k=k), tmp_path / "d.pt")
+    kwargs = dict(tau=tau, centre=centre, sigmas=sigmas, langevin_steps=steps, langevin_step_size=eps)
+    if source == "setter":
+        integrator = CGMLIntegrator(dyn, save(GaussianScore(**kwargs), tmp_path / "s.pt"))
+        assert integrator.getLangevinSchedule() == "constant"  # no attribute: as before
+        integrator.setLangevinSchedule("ncsn")
+    else:
+        integrator = CGMLIntegrator(dyn, save(ScheduledGaussianScore("ncsn", **kwargs), tmp_path / "s.pt"))
+    assert integrator.getLangevinSchedule() == "ncsn"
+    alphas = ncsn_step_sizes(eps, sigmas)
+    np.testing.assert_allclose(alphas, [16 * eps, 4 * eps, eps], rtol=1e-12)
+    np.testing.assert_allclose(integrator.getLangevinStepSizes(), alphas, rtol=1e-15)
+    integrator.setDeterministic(True)
+    sim = simulation(integrator, n=8, platform=platform)
+    x0, _ = state_arrays(sim.context)
+    v0 = np.random.default_rng(3).normal(0, 0.05, x0.shape)
+    sim.context.setVelocities(v0)
+    expected = annealed_langevin_reference(x0, v0, k, 20, 3, 0.5, tau, centre, sigmas, steps, alphas)
+    constant = annealed_langevin_reference(x0, v0, k, 20, 3, 0.5, tau, centre, sigmas, steps, [eps] * 3)
+    for block in range(4):
+        sim.step(5)
+        x, v = state_arrays(sim.context)
+        t = 3 + 5 * (block + 1) - 1
+        np.testing.assert_allclose(x, expected[t], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(v, (expected[t] - expected[t - 1]) / 0.5, rtol=0, atol=1e-5)
+    assert np.abs(expected[-1] - constant[-1]).max() > 1e-2  # the schedules differ by far more than the tolerance
+
+
+@pytest.mark.parametrize("schedule", ["constant", "ncsn"])
+def test_step_of_each_level_scales_as_sigma_squared_under_ncsn(tmp_path, schedule):
+    # Only level `level` moves x, once (K = 1): x = centre + (x0 - centre)(1 - alpha_level / tau^2),
+    # so alpha_level = tau^2 (1 - (x - centre) / (x0 - centre)) is measured for each level.
+    tau, eps, sigmas = 0.5, 1e-3, (0.4, 0.2, 0.1)
+    dyn = save(HarmonicDynamics(k=0.0), tmp_path / "d.pt")
+    expected = ncsn_step_sizes(eps, sigmas) if schedule == "ncsn" else np.full(3, eps)
+    positions = np.random.default_rng(2).uniform(0.5, 1.0, (5, 3))
+    for level in range(3):
+        score = save(LevelScore(level, tau=tau, sigmas=sigmas, langevin_steps=1, langevin_step_size=eps),
+                     tmp_path / f"level{level}.pt")
+        integrator = CGMLIntegrator(dyn, score)
+        integrator.setLangevinSchedule(schedule)
+        integrator.setDeterministic(True)
+        sim = simulation(integrator, n=5, positions=positions)  # zero velocity: the dynamics step keeps x
+        sim.step(1)
+        x, _ = state_arrays(sim.context)
+        alpha = tau**2 * (1 - x / positions)
+        np.testing.assert_allclose(alpha, expected[level], rtol=2e-4)
+    if schedule == "ncsn":
+        np.testing.assert_allclose(expected / expected[-1], (np.asarray(sigmas) / sigmas[-1]) ** 2, rtol=1e-6)
+
+
+def test_ncsn_contraction_of_a_sigma_score_is_the_same_at_every_level(tmp_path):
+    # score -x / sigma_i^2: under NCSN each Langevin step multiplies x by 1 - eps / sigma_L^2 at
+    # every level (x_final = x0 (1 - eps/sigma_L^2)^(K L)); constant: prod_i (1 - eps/sigma_i^2)^K
+    eps, sigmas, steps = 1e-3, (0.4, 0.2, 0.1), 2
+    dyn = save(HarmonicDynamics(k=0.0), tmp_path / "d.pt")
+    score = save(SigmaScore(sigmas=sigmas, langevin_steps=steps, langevin_step_size=eps), tmp_path / "s.pt")
+    s = np.asarray(sigmas, np.float32).astype(np.float64)
+    factors = {"ncsn": (1 - eps / s.min()**2) ** (steps * len(s)), "constant": np.prod((1 - eps / s**2) ** steps)}
+    assert abs(factors["ncsn"] - factors["constant"]) > 0.1
+    for schedule, factor in factors.items():
+        integrator = CGMLIntegrator(dyn, score)
+        integrator.setLangevinSchedule(schedule)
+        integrator.setDeterministic(True)
+        sim = simulation(integrator, n=5)
+        x0, _ = state_arrays(sim.context)
+        sim.step(1)
+        np.testing.assert_allclose(state_arrays(sim.context)[0], x0 * factor, rtol=1e-5, atol=1e-7)
+
+
+def test_ncsn_score_refinement_samples_langevin_stationary_distribution(tmp_path):
+    # the last level uses alpha_L = eps: the discretised OU process of the constant-schedule test
+    tau, eps, centre = 0.1, 2e-3, 0.3
+    dyn = save(HarmonicDynamics(k=0.0, seq_len=1), tmp_path / "d.pt")
+    # the first level's alpha = 4 eps: r = 1 - 4 eps / tau^2 = 0.2, still stable
+    score = save(ScheduledGaussianScore("ncsn", tau=tau, centre=centre, sigmas=(0.2, 0.1), langevin_steps=100,
+                                        langevin_step_size=eps), tmp_path / "s.pt")
+    integrator = CGMLIntegrator(dyn, score)
+    np.testing.assert_allclose(integrator.getLangevinStepSizes(), [4 * eps, eps], rtol=1e-12)
+    integrator.setRandomNumberSeed(5)
+    n = 400
+    sim = simulation(integrator, n=n)
+    sim.step(2)  # 100 Langevin steps at the last level: relaxation time tau^2/eps = 5 steps
+    x, _ = state_arrays(sim.context)
+    r = 1 - eps / tau**2
+    variance = 2 * eps / (1 - r**2)
+    samples = (x - centre).ravel()
+    assert abs(samples.mean()) < 5 * np.sqrt(variance / samples.size)
+    assert abs(samples.var() / variance - 1) < 5 * np.sqrt(2 / samples.size)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "ncsn"])
+def test_noise_of_each_level_has_variance_two_alpha(tmp_path, schedule):
+    # Level 0 scores -(x - c)/tau^2 with tau^2 = alpha_0 = 4 eps (NCSN): one step forgets x
+    # (x - c = sqrt(2 alpha_0) z); level 1 scores 0 and adds sqrt(2 alpha_1) z'. So under NCSN
+    # x - c is exactly N(0, 2 alpha_0 + 2 alpha_1) = N(0, 10 eps), whatever x was.
+    eps, centre = 1e-3, 0.3
+    tau = float(np.sqrt(4 * eps))
+    dyn = save(HarmonicDynamics(k=0.0, seq_len=1), tmp_path / "d.pt")
+    score = save(LevelScore(0, tau=tau, centre=centre, sigmas=(0.2, 0.1), langevin_steps=1, langevin_step_size=eps),
+                 tmp_path / "s.pt")
+    integrator = CGMLIntegrator(dyn, score)
+    integrator.setLangevinSchedule(schedule)
+    integrator.setRandomNumberSeed(9)
+    n = 1000
+    positions = np.random.default_rng(4).uniform(-1, 1, (n, 3))
+    sim = simulation(integrator, n=n, positions=positions)
+    sim.step(1)
+    x, _ = state_arrays(sim.context)
+    if schedule == "ncsn":
+        samples, variance = (x - centre).ravel(), 10 * eps
+    else:  # alpha = eps at both levels: x - c = (1 - eps/tau^2)(x0 - c) + sqrt(2 eps) z + sqrt(2 eps) z'
+        samples, variance = (x - centre - 0.75 * (positions - centre)).ravel(), 4 * eps
+    assert abs(samples.mean()) < 5 * np.sqrt(variance / samples.size)
+    assert abs(samples.var() / variance - 1) < 5 * np.sqrt(2 / samples.size)
+
+
+def test_langevin_schedule_round_trips_through_xml_copy_and_pickle(tmp_path):
+    dyn = save(HarmonicDynamics(k=0.1), tmp_path / "d.pt")
+    plain = save(GaussianScore(), tmp_path / "s.pt")
+    named = save(ScheduledGaussianScore("ncsn"), tmp_path / "n.pt")
+    integrator = CGMLIntegrator(dyn, plain)
+    integrator.setLangevinSchedule("ncsn")
+    xml = openmm.XmlSerializer.serialize(integrator)
+    assert 'langevinSchedule="ncsn"' in xml
+    for clone in (CGMLIntegrator.deserialize(xml), copy.copy(integrator), copy.deepcopy(integrator),
+                  pickle.loads(pickle.dumps(integrator))):
+        assert clone.getLangevinSchedule() == "ncsn"
+    assert 'langevinSchedule="ncsn"' in openmm.XmlSerializer.serialize(openmm.XmlSerializer.deserialize(xml))
+    # the setter wins over the model's attribute, in the XML too
+    overridden = CGMLIntegrator(dyn, named)
+    assert overridden.getLangevinSchedule() == "ncsn"
+    overridden.setLangevinSchedule("constant")
+    assert CGMLIntegrator.deserialize(openmm.XmlSerializer.serialize(overridden)).getLangevinSchedule() == "constant"
+    # a deserialized integrator continues the same deterministic trajectory
+    integrator.setDeterministic(True)
+    clone = copy.deepcopy(integrator)
+    runs = []
+    for each in (integrator, clone):
+        sim = simulation(each, n=4)
+        sim.step(3)
+        runs.append(state_arrays(sim.context)[0])
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_xml_of_format_version_1_loads_with_the_constant_schedule(tmp_path):
+    import re
+
+    dyn = save(HarmonicDynamics(k=0.1), tmp_path / "d.pt")
+    integrator = CGMLIntegrator(dyn, save(ScheduledGaussianScore("ncsn"), tmp_path / "n.pt"))
+    xml = openmm.XmlSerializer.serialize(integrator)
+    assert re.search(r'<Integrator [^>]*version="2"', xml)
+    # what version 1 wrote: no langevinSchedule; its integrator ran the constant schedule
+    old = re.sub(r' langevinSchedule="[^"]*"', "", xml, count=1)
+    old = re.sub(r'(<Integrator [^>]*)version="2"', r'\1version="1"', old, count=1)
+    assert "langevinSchedule" not in old and 'version="1"' in old
+    assert CGMLIntegrator.deserialize(old).getLangevinSchedule() == "constant"
+    # version 2 must carry it
+    missing = re.sub(r' langevinSchedule="[^"]*"', "", xml, count=1)
+    with pytest.raises(Exception, match="langevinSchedule"):
+        CGMLIntegrator.deserialize(missing)
+    bad = xml.replace('langevinSchedule="ncsn"', 'langevinSchedule="cosine"')
+    for load in (CGMLIntegrator.deserialize, openmm.XmlSerializer.deserialize):
+        with pytest.raises(Exception, match='Langevin schedule must be "constant" or "ncsn", got "cosine"'):
+            load(bad)
+
+
+def test_unknown_langevin_schedule_is_refused(tmp_path):
+    dyn = save(HarmonicDynamics(k=0.1), tmp_path / "d.pt")
+    integrator = CGMLIntegrator(dyn, save(GaussianScore(), tmp_path / "s.pt"))
+    for bad in ("geometric", "NCSN", "", "ncsn "):
+        with pytest.raises(ValueError, match='must be "constant" or "ncsn"'):
+            integrator.setLangevinSchedule(bad)
+        with pytest.raises(ValueError, match='must be "constant" or "ncsn"'):
+            integrator._impl.setLangevinSchedule(bad)
+    with pytest.raises(TypeError, match="must be a str"):
+        integrator.setLangevinSchedule(1)
+    assert integrator.getLangevinSchedule() == "constant"  # unchanged by the refused values
+    with pytest.raises(ValueError, match="'langevin_schedule' must be \"constant\" or \"ncsn\", got \"cosine\""):
+        CGMLIntegrator(dyn, save(ScheduledGaussianScore("cosine"), tmp_path / "c.pt"))
+    with pytest.raises(ValueError, match="'langevin_schedule' must be a str"):
+        CGMLIntegrator(dyn, save(ScheduledGaussianScore(3), tmp_path / "i.pt"))
+    # without a score model the schedule is accepted and has nothing to act on
+    bare = CGMLIntegrator(dyn)
+    bare.setLangevinSchedule("ncsn")
+    assert bare.getLangevinSchedule() == "ncsn" and bare.getLangevinStepSizes().size == 0

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <iostream>
+#include <memory>
 #include <random>
 #include <sstream>
 
@@ -75,6 +76,23 @@ static std::string gaussianScore() {
     module.register_attribute("langevin_step_size", c10::FloatType::get(), 1e-4);
     module.define("def forward(self, x: Tensor, latent: Tensor, box: Tensor, features: Tensor, bonds: Tensor, sigma: Tensor) -> Tensor:\n"
                   "    return -x\n");
+    std::ostringstream bytes;
+    module.save(bytes);
+    return bytes.str();
+}
+
+/** Score -x / sigma^2 on the ladder (0.4, 0.2, 0.1), K = 2, eps = 1e-3; schedule: the optional attribute. */
+static std::string sigmaScore(const std::string& schedule = "", bool scheduleIsInt = false) {
+    torch::jit::Module module("SigmaScore");
+    module.register_attribute("sigmas", c10::TensorType::get(), torch::tensor({0.4f, 0.2f, 0.1f}));
+    module.register_attribute("langevin_steps", c10::IntType::get(), 2);
+    module.register_attribute("langevin_step_size", c10::FloatType::get(), 1e-3);
+    if (scheduleIsInt)
+        module.register_attribute("langevin_schedule", c10::IntType::get(), 3);
+    else if (!schedule.empty())
+        module.register_attribute("langevin_schedule", c10::StringType::get(), schedule);
+    module.define("def forward(self, x: Tensor, latent: Tensor, box: Tensor, features: Tensor, bonds: Tensor, sigma: Tensor) -> Tensor:\n"
+                  "    return -x / (sigma * sigma)\n");
     std::ostringstream bytes;
     module.save(bytes);
     return bytes.str();
@@ -364,6 +382,93 @@ static void testSystemAndModelChecks() {
     }
 }
 
+// The NCSN step-size schedule: alpha_i = eps sigma_i^2 / sigma_L^2 (Song & Ermon 2019).
+static void testLangevinSchedule() {
+    const int n = 4, K = 2;
+    const double eps = 1e-3;
+    const std::vector<double> sigmas = {(double) 0.4f, (double) 0.2f, (double) 0.1f};
+    // default: the model's attribute, else constant
+    ASSERT(CGMLIntegrator(harmonicModel(0, 0, 2), sigmaScore()).getLangevinSchedule() == "constant");
+    ASSERT(CGMLIntegrator(harmonicModel(0, 0, 2), sigmaScore("constant")).getLangevinSchedule() == "constant");
+    ASSERT(CGMLIntegrator(harmonicModel(0, 0, 2), sigmaScore("ncsn")).getLangevinSchedule() == "ncsn");
+    EXPECT_THROW(std::invalid_argument, CGMLIntegrator(harmonicModel(0, 0, 2), sigmaScore("cosine")),
+                 "the score model's attribute 'langevin_schedule' must be \"constant\" or \"ncsn\", got \"cosine\"");
+    EXPECT_THROW(std::invalid_argument, CGMLIntegrator(harmonicModel(0, 0, 2), sigmaScore("", true)),
+                 "'langevin_schedule' must be a str");
+    CGMLIntegrator integrator(harmonicModel(0, 0, 2), sigmaScore());
+    for (const char* bad : {"NCSN", "", "linear"})
+        EXPECT_THROW(std::invalid_argument, integrator.setLangevinSchedule(bad), "must be \"constant\" or \"ncsn\"");
+    ASSERT(integrator.getLangevinSchedule() == "constant");
+    // per-level step sizes: eps * sigma_i^2 / sigma_L^2
+    std::vector<double> alphas = integrator.getLangevinStepSizes();
+    ASSERT(alphas.size() == 3);
+    for (int i = 0; i < 3; i++)
+        ASSERT_NEAR(alphas[i], eps, 1e-18);
+    integrator.setLangevinSchedule("ncsn");
+    alphas = integrator.getLangevinStepSizes();
+    for (int i = 0; i < 3; i++)
+        ASSERT_NEAR(alphas[i], eps * sigmas[i] * sigmas[i] / (sigmas[2] * sigmas[2]), 1e-15);
+    ASSERT_NEAR(alphas[0], 16 * eps, 1e-15);
+    ASSERT_NEAR(alphas[2], eps, 1e-18);
+
+    // deterministic step with the score -x / sigma_i^2: each Langevin step multiplies x by
+    // 1 - alpha_i / sigma_i^2 = 1 - eps / sigma_L^2 under NCSN, by 1 - eps / sigma_i^2 under constant
+    auto finalFactor = [&](const std::string& schedule) {
+        System system = makeSystem(n);
+        CGMLIntegrator stepper(harmonicModel(0, 0, 2), sigmaScore());
+        stepper.setLangevinSchedule(schedule);
+        stepper.setDeterministic(true);
+        Context context(system, stepper, Platform::getPlatformByName("Reference"));
+        std::vector<Vec3> x0 = randomPositions(n, 8);
+        for (auto& p : x0)
+            p = p * 0.5 + Vec3(0.75, 0.75, 0.75);  // in [0.25, 1.25]: far from 0
+        context.setPositions(x0);
+        stepper.step(1);
+        std::vector<Vec3> x = context.getState(State::Positions).getPositions();
+        double worst = 0;
+        double first = x[0][0] / x0[0][0];
+        for (int i = 0; i < n; i++)
+            for (int d = 0; d < 3; d++)
+                worst = std::max(worst, std::abs(x[i][d] / x0[i][d] - first));
+        ASSERT(worst < 1e-6);  // the same factor for every coordinate
+        return first;
+    };
+    double ncsn = std::pow(1 - eps / (sigmas[2] * sigmas[2]), K * 3), constant = 1;
+    for (double s : sigmas)
+        constant *= std::pow(1 - eps / (s * s), K);
+    ASSERT_NEAR(finalFactor("ncsn"), ncsn, 1e-5);
+    ASSERT_NEAR(finalFactor("constant"), constant, 1e-5);
+    ASSERT(std::abs(ncsn - constant) > 0.1);
+
+    // XML keeps it (a version 2 field); version 1 XML, which has none, loads as constant
+    std::stringstream stream;
+    XmlSerializer::serialize<Integrator>(&integrator, "Integrator", stream);
+    const std::string xml = stream.str();
+    ASSERT(xml.find("langevinSchedule=\"ncsn\"") != std::string::npos);
+    auto load = [](const std::string& text) {
+        std::stringstream in(text);
+        std::unique_ptr<Integrator> loaded(XmlSerializer::deserialize<Integrator>(in));
+        return dynamic_cast<CGMLIntegrator&>(*loaded).getLangevinSchedule();
+    };
+    ASSERT(load(xml) == "ncsn");
+    integrator.setLangevinSchedule("constant");
+    std::stringstream constantStream;
+    XmlSerializer::serialize<Integrator>(&integrator, "Integrator", constantStream);
+    ASSERT(load(constantStream.str()) == "constant");
+    const std::string field = " langevinSchedule=\"ncsn\"";
+    const size_t at = xml.find(field);
+    std::string withoutField = xml.substr(0, at) + xml.substr(at + field.size());
+    EXPECT_THROW(OpenMMException, load(withoutField), "langevinSchedule");  // version 2 must carry it
+    const size_t version = withoutField.find("version=\"2\"");
+    ASSERT(version != std::string::npos);
+    std::string versionOne = withoutField;
+    versionOne[version + 9] = '1';
+    ASSERT(load(versionOne) == "constant");
+    std::string bad = xml;
+    bad.replace(at, field.size(), " langevinSchedule=\"cosine\"");
+    EXPECT_THROW(OpenMMException, load(bad), "CGMLIntegrator XML: the Langevin schedule must be \"constant\" or \"ncsn\"");
+}
+
 int main() {
     try {
         Platform::loadPluginsFromDirectory(OPENMM_PLUGIN_DIR);
@@ -377,6 +482,7 @@ int main() {
         testRestoreValidation();
         testXmlValidation();
         testSystemAndModelChecks();
+        testLangevinSchedule();
     }
     catch (const std::exception& e) {
         std::cout << "FAIL - ERROR.  Message: " << e.what() << std::endl;

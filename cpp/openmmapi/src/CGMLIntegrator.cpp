@@ -34,6 +34,7 @@ CGMLIntegrator::CGMLIntegrator(const std::string& dynamicsModel, const std::stri
     learnedStep.reset(new LearnedStep(dynamicsBytes, scoreBytes));
     langevinSteps = learnedStep->getDefaultLangevinSteps();
     langevinStepSize = learnedStep->getDefaultLangevinStepSize();
+    langevinSchedule = (int) learnedStep->getDefaultLangevinSchedule();
     setStepSize(stepSize > 0 ? stepSize : learnedStep->getModelStepSize());
 }
 
@@ -209,6 +210,18 @@ void CGMLIntegrator::setLangevinStepSize(double eps) {
     if (!(eps > 0) || !std::isfinite(eps))
         throw std::invalid_argument("the Langevin step size must be positive and finite");
     langevinStepSize = eps;
+}
+
+void CGMLIntegrator::setLangevinSchedule(const std::string& schedule) {
+    langevinSchedule = (int) LearnedStep::parseLangevinSchedule(schedule, "the Langevin schedule");
+}
+
+std::string CGMLIntegrator::getLangevinSchedule() const {
+    return LearnedStep::langevinScheduleName((LearnedStep::LangevinSchedule) langevinSchedule);
+}
+
+std::vector<double> CGMLIntegrator::getLangevinStepSizes() const {
+    return learnedStep->langevinStepSizes(langevinStepSize, (LearnedStep::LangevinSchedule) langevinSchedule);
 }
 
 std::vector<double> CGMLIntegrator::getSigmas() const {

@@ -183,7 +183,8 @@ const char checkpointMagic[8] = {'C', 'G', 'M', 'L', 'C', 'K', 'P', '1'};
 } // namespace
 
 LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& scoreBytes)
-    : hasScore(!scoreBytes.empty()), defaultLangevinSteps(0), defaultLangevinStepSize(0.0), expectedFeatures(-1),
+    : hasScore(!scoreBytes.empty()), defaultLangevinSteps(0), defaultLangevinStepSize(0.0),
+      defaultLangevinSchedule(LangevinSchedule::Constant), expectedFeatures(-1),
       generator(at::make_generator<at::CPUGeneratorImpl>(0)) {
     dynamics = loadArchive(dynamicsBytes, "dynamics");
     seqLen = requireInt(dynamics, "dynamics", "seq_len");
@@ -209,6 +210,13 @@ LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& sc
             throw std::invalid_argument("the score model's 'sigmas' must be a non-empty 1-D tensor of positive values");
         defaultLangevinSteps = requireInt(score, "score", "langevin_steps");
         defaultLangevinStepSize = requireDouble(score, "score", "langevin_step_size");
+        if (score.hasattr("langevin_schedule")) {  // optional: absent means the constant schedule
+            torch::IValue schedule = score.attr("langevin_schedule");
+            if (!schedule.isString())
+                throw std::invalid_argument("the score model's attribute 'langevin_schedule' must be a str "
+                                            "(\"constant\" or \"ncsn\")");
+            defaultLangevinSchedule = parseLangevinSchedule(schedule.toStringRef(), "the score model's attribute 'langevin_schedule'");
+        }
         if (!score.find_method("forward"))
             throw std::invalid_argument("the score model has no forward method");
         int scoreFeatures = optionalFeatureWidth(score, "score");
@@ -222,6 +230,37 @@ LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& sc
         sigmas = torch::empty({0}, torch::kFloat32);
     features = torch::empty({0, 0}, torch::kFloat32);
     bonds = torch::empty({0, 2}, torch::kInt64);
+}
+
+LearnedStep::LangevinSchedule LearnedStep::parseLangevinSchedule(const std::string& name, const std::string& what) {
+    if (name == "constant")
+        return LangevinSchedule::Constant;
+    if (name == "ncsn")
+        return LangevinSchedule::NCSN;
+    std::string shown = name.substr(0, 100);  // a corrupt value may be long or binary
+    for (char& c : shown)
+        if ((unsigned char) c < 32 || (unsigned char) c > 126)
+            c = '?';
+    throw std::invalid_argument(what + " must be \"constant\" or \"ncsn\", got \"" + shown +
+                                (name.size() > shown.size() ? "..." : "") + "\"");
+}
+
+std::string LearnedStep::langevinScheduleName(LangevinSchedule schedule) {
+    return schedule == LangevinSchedule::NCSN ? "ncsn" : "constant";
+}
+
+std::vector<double> LearnedStep::langevinStepSizes(double eps, LangevinSchedule schedule) const {
+    const int64_t levels = sigmas.size(0);
+    std::vector<double> steps(levels, eps);
+    if (schedule == LangevinSchedule::NCSN && levels > 0) {
+        // alpha_i = eps * sigma_i^2 / sigma_L^2 (Song & Ermon 2019), sigma_L the smallest sigma
+        torch::Tensor ladder = sigmas.to(torch::kFloat64).contiguous();
+        const double* s = ladder.data_ptr<double>();
+        const double smallest = *std::min_element(s, s + levels);
+        for (int64_t i = 0; i < levels; i++)
+            steps[i] = eps * (s[i] / smallest) * (s[i] / smallest);
+    }
+    return steps;
 }
 
 void LearnedStep::seed(uint64_t seed) {
@@ -340,11 +379,13 @@ torch::Tensor LearnedStep::predict(const torch::Tensor& box, const Options& opti
         throw OpenMMException("step " + std::to_string(stepNumber) +
                               ": the dynamics model predicted a non-finite position; the context keeps its last good state");
     if (hasScore && options.langevinSteps > 0) {
-        // annealed Langevin dynamics over the sigma ladder (METHOD.md step 5)
-        const double eps = options.langevinStepSize;
-        const double noiseScale = std::sqrt(2 * eps);
+        // annealed Langevin dynamics over the sigma ladder (METHOD.md step 5); the step size
+        // of each level follows the schedule (constant: eps; NCSN: eps sigma_i^2 / sigma_L^2)
+        const std::vector<double> stepSizes = langevinStepSizes(options.langevinStepSize, options.langevinSchedule);
         for (int64_t level = 0; level < sigmas.size(0); level++) {
             torch::Tensor sigma = sigmas[level];
+            const double eps = stepSizes[level];
+            const double noiseScale = std::sqrt(2 * eps);
             for (int k = 0; k < options.langevinSteps; k++) {
                 torch::Tensor s = runScore(x, latent, box, sigma, stepNumber).to(torch::kFloat64);
                 x = x + eps * s;

@@ -13,7 +13,9 @@
 using namespace CGML;
 using namespace OpenMM;
 
-static const int formatVersion = 1;
+// Version 2 added langevinSchedule; version 1 XML (without it) loads with the constant
+// schedule, the only one its writer knew.
+static const int formatVersion = 2;
 
 CGMLIntegratorProxy::CGMLIntegratorProxy() : SerializationProxy("CGMLIntegrator") {
 }
@@ -28,6 +30,7 @@ void CGMLIntegratorProxy::serialize(const void* object, SerializationNode& node)
     node.setBoolProperty("deterministic", integrator.getDeterministic());
     node.setIntProperty("langevinSteps", integrator.getLangevinSteps());
     node.setDoubleProperty("langevinStepSize", integrator.getLangevinStepSize());
+    node.setStringProperty("langevinSchedule", integrator.getLangevinSchedule());
     node.setIntProperty("periodicMode", integrator.getPeriodicMode());
     node.setIntProperty("integrationForceGroups", integrator.getIntegrationForceGroups());
     node.createChildNode("DynamicsModel").setStringProperty("base64", base64Encode(integrator.getDynamicsModelBytes()));
@@ -69,7 +72,7 @@ std::string decode(const SerializationNode& node, const std::string& element) {
 // XML. The checks below turn corrupt or inconsistent XML into an OpenMMException.
 void* CGMLIntegratorProxy::deserialize(const SerializationNode& node) const {
     int version = node.getIntProperty("version");
-    if (version != formatVersion)
+    if (version != 1 && version != formatVersion)
         throw OpenMMException("Unsupported version number for CGMLIntegrator: " + std::to_string(version));
     double stepSize = node.getDoubleProperty("stepSize");
     if (!(stepSize > 0) || !std::isfinite(stepSize)) {
@@ -90,6 +93,7 @@ void* CGMLIntegratorProxy::deserialize(const SerializationNode& node) const {
         integrator->setLangevinSteps(node.getIntProperty("langevinSteps"));
         if (integrator->hasScoreModel())
             integrator->setLangevinStepSize(node.getDoubleProperty("langevinStepSize"));
+        integrator->setLangevinSchedule(version >= 2 ? node.getStringProperty("langevinSchedule") : "constant");
         integrator->setPeriodicMode(node.getIntProperty("periodicMode"));
         integrator->setIntegrationForceGroups(node.getIntProperty("integrationForceGroups"));
 

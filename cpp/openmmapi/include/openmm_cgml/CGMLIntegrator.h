@@ -109,6 +109,18 @@ public:
     void setLangevinSteps(int steps);
     double getLangevinStepSize() const { return langevinStepSize; }
     void setLangevinStepSize(double eps);
+    /**
+     * Step-size schedule of the annealed Langevin refinement over the noise ladder:
+     * "constant" (every level uses the Langevin step size eps) or "ncsn" (Song & Ermon
+     * 2019: level i uses eps * sigma_i^2 / sigma_L^2, sigma_L the smallest sigma). The
+     * default is the score model's optional str attribute langevin_schedule, else
+     * "constant". Any other value throws std::invalid_argument. Like the Langevin steps
+     * and step size, it is configuration: serialized, not part of checkpoints.
+     */
+    void setLangevinSchedule(const std::string& schedule);
+    std::string getLangevinSchedule() const;
+    /** The step size of each level of the ladder (nm^2) under the current schedule. */
+    std::vector<double> getLangevinStepSizes() const;
     /** The score model's noise ladder (nm, largest first); empty without a score model. */
     std::vector<double> getSigmas() const;
     /** -1: follow System::usesPeriodicBoundaryConditions(); 0: non-periodic; 1: periodic. */
@@ -158,6 +170,7 @@ private:
     bool deterministic;
     int langevinSteps;
     double langevinStepSize;
+    int langevinSchedule;  // a LearnedStep::LangevinSchedule
     int periodicMode;
     bool periodic;
     bool needsSeeding;    // seed the generator at the next initialize()

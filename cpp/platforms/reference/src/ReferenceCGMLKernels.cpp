@@ -56,6 +56,7 @@ void ReferenceIntegrateCGMLStepKernel::execute(ContextImpl& context, CGMLIntegra
     options.deterministic = integrator.getDeterministic();
     options.langevinSteps = integrator.getLangevinSteps();
     options.langevinStepSize = integrator.getLangevinStepSize();
+    options.langevinSchedule = LearnedStep::parseLangevinSchedule(integrator.getLangevinSchedule(), "the Langevin schedule");
     // predict() throws before anything is written: on failure the context keeps its last good state
     torch::Tensor next = learned.predict(box, options, context.getStepCount() + 1);
     velocities.copy_((next - positions) / dt);

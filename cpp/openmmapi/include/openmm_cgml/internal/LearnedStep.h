@@ -5,6 +5,7 @@
 #include <ATen/core/Generator.h>
 #include <iosfwd>
 #include <string>
+#include <vector>
 
 namespace CGML {
 
@@ -18,10 +19,21 @@ namespace CGML {
  */
 class LearnedStep {
 public:
+    /**
+     * Step size of each noise level of the annealed Langevin refinement. Constant: every
+     * level uses eps. NCSN (Song & Ermon 2019): level i uses alpha_i = eps * sigma_i^2 /
+     * sigma_L^2, sigma_L the smallest sigma of the ladder (so the smallest level uses eps).
+     */
+    enum class LangevinSchedule { Constant, NCSN };
+    /** "constant" or "ncsn"; anything else throws std::invalid_argument naming `what`. */
+    static LangevinSchedule parseLangevinSchedule(const std::string& name, const std::string& what);
+    static std::string langevinScheduleName(LangevinSchedule schedule);
+
     struct Options {
         bool deterministic = false;
         int langevinSteps = 0;
         double langevinStepSize = 0.0;
+        LangevinSchedule langevinSchedule = LangevinSchedule::Constant;
     };
 
     /** Largest seq_len accepted from a model (a sanity bound: the history is [seqLen, N, 3]). */
@@ -37,6 +49,10 @@ public:
     /** Bead-feature width F the models declare (optional int attribute num_features), or -1. */
     int getExpectedFeatures() const { return expectedFeatures; }
     double getDefaultLangevinStepSize() const { return defaultLangevinStepSize; }
+    /** The score model's optional string attribute langevin_schedule; Constant if absent. */
+    LangevinSchedule getDefaultLangevinSchedule() const { return defaultLangevinSchedule; }
+    /** The step size of each level of the ladder (nm^2) under a schedule and base step eps. */
+    std::vector<double> langevinStepSizes(double eps, LangevinSchedule schedule) const;
 
     /** Graph inputs shared by all steps: features [N,F] float32, bonds [E,2] int64, box [3,3]. */
     void setFeatures(torch::Tensor features) { this->features = std::move(features); }
@@ -95,6 +111,7 @@ private:
     torch::Tensor sigmas;  // float32 [L]
     int defaultLangevinSteps;
     double defaultLangevinStepSize;
+    LangevinSchedule defaultLangevinSchedule;
     int expectedFeatures;
     torch::Tensor features, bonds, history;
     at::Generator generator;
