@@ -9,7 +9,10 @@ CG trajectories are cached as ``<trajectory dir>/cg_<fingerprint[:16]>.npz`` (ke
 :class:`~openmm_cgml.coarse_grain.CGMapping` fingerprint; the DCD size and mtime are
 checked too), with the mapping beside it as ``cg_<fingerprint[:16]>.mapping.json``. A
 cache that cannot be read or does not fit the trajectory is reported (warning with its
-path), deleted and rebuilt.
+path), deleted and rebuilt. The cache also holds ``fine_rg2`` [F, M]: the true
+fine-level (atomistic) Rg^2 of each molecule with >= 2 beads in every frame (the
+property head's target, ``openmm_cgml.models.property``); a cache written before it
+existed is rebuilt silently (once) to add it.
 
 Sample format (``WindowDataset[i]``, NumPy)::
 
@@ -19,12 +22,15 @@ Sample format (``WindowDataset[i]``, NumPy)::
                                     all zero for non-periodic systems
     system       int                index into ``dataset.systems``
     start_frame  int                recorded frame index of history[0]
+    fine_rg2     float32 [M]        true fine Rg^2 (nm^2) of the target frame per molecule
+                                    with >= 2 beads (NaN when the trajectory has none)
 
 The fine graph and CG topology are kept once per *system* in ``dataset.systems[k]``
 (:class:`SystemGraph`): ``cg_bonds`` int64 [E,2], ``bead_masses`` float32 [N],
 ``atom_type`` int64 [n], ``atom_masses`` float32 [n], ``fine_bonds`` int64 [B,2],
 ``bond_type`` int64 [B], ``bead_of_atom`` int64 [n], ``periodic``, ``step_ps``,
-``mapping``. Type indices refer to ``dataset.atom_vocabulary`` / ``bond_vocabulary``.
+``mapping``, ``bead_molecule`` int64 [N] (molecule index among those with >= 2 beads,
+-1 for other beads). Type indices refer to ``dataset.atom_vocabulary`` / ``bond_vocabulary``.
 
 Batch format (``dataset.collate(samples)``, torch tensors; B graphs, Ntot beads,
 Atot atoms)::
@@ -46,6 +52,9 @@ Atot atoms)::
     bond_type     int64   [Btot]
     bead_of_atom  int64   [Atot]         bead index in the batch (offset by first bead)
     atom_batch    int64   [Atot]         graph id of each atom
+    property_bead     int64   [K]        beads of molecules with >= 2 beads (batch indices)
+    property_molecule int64   [K]        their molecule, numbered over the batch (0..Mtot-1)
+    fine_rg2          float32 [Mtot]     true fine Rg^2 of each such molecule (target frame)
 """
 from __future__ import annotations
 
@@ -74,6 +83,7 @@ class CGTrajectory:
     box: np.ndarray | None
     mapping: CGMapping
     record_interval_ps: float
+    fine_rg2: np.ndarray | None = None  # [F, M] true fine Rg^2 per molecule with >= 2 beads
 
     @property
     def n_frames(self) -> int:
@@ -96,17 +106,19 @@ def mapping_for_trajectory(directory: str | os.PathLike, cg_level: float,
         small_molecule_max_atoms=small_molecule_max_atoms, seed=seed)
 
 
-def _read_cg_cache(path: Path, source_stamp: np.ndarray, n_beads: int, n_frames: int | None
-                   ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(positions, box) from a CG cache file, or (None, None) when it is stale (the DCD
-    changed) or unusable; an unreadable or inconsistent cache (truncated write, disk
-    error) is reported with its path, deleted, and rebuilt by the caller."""
+def _read_cg_cache(path: Path, source_stamp: np.ndarray, n_beads: int, n_frames: int | None,
+                   n_molecules: int = 0) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(positions, box, fine_rg2) from a CG cache file, or Nones when it is stale (the
+    DCD changed) or unusable; an unreadable or inconsistent cache (truncated write, disk
+    error) is reported with its path, deleted, and rebuilt by the caller. A cache
+    without ``fine_rg2`` (written before the property head) gives fine_rg2 None."""
     try:
         with np.load(path) as data:
             if not np.array_equal(data["source_stamp"], source_stamp):
-                return None, None
+                return None, None, None
             positions = data["positions"]
             box = data["box"] if bool(data["periodic"]) else None
+            fine = data["fine_rg2"] if "fine_rg2" in data.files else None
         problem = None
         if positions.ndim != 3 or positions.shape[1:] != (n_beads, 3):
             problem = f"positions of shape {positions.shape}, expected [frames, {n_beads}, 3]"
@@ -114,14 +126,16 @@ def _read_cg_cache(path: Path, source_stamp: np.ndarray, n_beads: int, n_frames:
             problem = f"{positions.shape[0]} frames, the trajectory has {n_frames}"
         elif box is not None and box.shape != (positions.shape[0], 3, 3):
             problem = f"box of shape {box.shape}"
+        elif fine is not None and fine.shape != (positions.shape[0], n_molecules):
+            problem = f"fine_rg2 of shape {fine.shape}, expected [{positions.shape[0]}, {n_molecules}]"
         if problem is None:
-            return positions, box
+            return positions, box, fine
     except Exception as err:  # BadZipFile, EOFError, KeyError, ValueError, OSError, ...
         problem = f"{type(err).__name__}: {err}"
     warnings.warn(f"CG cache {path} is unreadable or inconsistent ({problem}); deleting and rebuilding it",
                   stacklevel=3)
     path.unlink(missing_ok=True)
-    return None, None
+    return None, None, None
 
 
 def load_cg_trajectory(directory: str | os.PathLike, mapping: CGMapping | None = None,
@@ -142,21 +156,27 @@ def load_cg_trajectory(directory: str | os.PathLike, mapping: CGMapping | None =
     cache_path = directory / f"cg_{key}.npz"
     dcd = (directory / TRAJECTORY_FILE).stat()
     source_stamp = np.asarray([dcd.st_size, dcd.st_mtime_ns], dtype=np.int64)
-    positions = box = None
+    from openmm_cgml.models.property import fine_rg2, property_molecules
+
+    bead_molecule = property_molecules(mapping.molecule_of_bead)
+    n_molecules = int(bead_molecule.max()) + 1 if len(bead_molecule) else 0
+    positions = box = fine = None
     if cache and cache_path.exists():
-        positions, box = _read_cg_cache(cache_path, source_stamp, mapping.n_beads, metadata.get("n_frames"))
-    if positions is None:
+        positions, box, fine = _read_cg_cache(cache_path, source_stamp, mapping.n_beads, metadata.get("n_frames"),
+                                              n_molecules)
+    if positions is None or fine is None:
         record = load_trajectory(directory)
         positions = mapping.map_positions(record.positions).astype(np.float32)
         box = record.box
+        fine = fine_rg2(record.positions, mapping).astype(np.float32)
         if cache:
             tmp = directory / f"cg_{key}.tmp{os.getpid()}.npz"
             np.savez(tmp, positions=positions, box=box if box is not None else np.zeros((0, 3, 3)),
-                     periodic=box is not None, source_stamp=source_stamp)
+                     periodic=box is not None, source_stamp=source_stamp, fine_rg2=fine)
             os.replace(tmp, cache_path)
             mapping.save(directory / f"cg_{key}.mapping.json")
     return CGTrajectory(metadata["name"], metadata.get("split", "train"), metadata["kind"], directory,
-                        positions, box, mapping, float(metadata["record_interval_ps"]))
+                        positions, box, mapping, float(metadata["record_interval_ps"]), fine)
 
 
 # ----------------------------------------------------------------------------- windows
@@ -203,6 +223,18 @@ class SystemGraph:
     periodic: bool
     step_ps: float
     mapping: CGMapping
+    bead_molecule: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.bead_molecule is None:
+            from openmm_cgml.models.property import property_molecules
+
+            self.bead_molecule = property_molecules(self.mapping.molecule_of_bead)
+
+    @property
+    def n_molecules(self) -> int:
+        """Molecules with >= 2 beads (those the property head covers)."""
+        return int(self.bead_molecule.max()) + 1 if len(self.bead_molecule) else 0
 
     @property
     def n_beads(self) -> int:
@@ -260,22 +292,55 @@ class WindowDataset:
         newest = frames[-2]
         box = trajectory.box[newest].astype(np.float32) if trajectory.box is not None \
             else np.zeros((3, 3), dtype=np.float32)
+        if trajectory.fine_rg2 is not None:
+            fine = np.asarray(trajectory.fine_rg2[frames[-1]], dtype=np.float32)
+        else:
+            fine = np.full(self.systems[system].n_molecules, np.nan, dtype=np.float32)
         return {
             "history": np.ascontiguousarray(window[:-1], dtype=np.float32),
             "target": np.ascontiguousarray(window[-1], dtype=np.float32),
             "box": box,
             "system": system,
             "start_frame": start,
+            "fine_rg2": fine,
         }
+
+    def target_frames(self, indices: Sequence[int] | None = None) -> list[tuple[int, int]]:
+        """(system, recorded target frame) of the given windows (default: all)."""
+        rows = self.index if indices is None else self.index[np.asarray(indices, dtype=np.int64)]
+        span = self.seq_len * self.dilation
+        return [(int(k), int(s) + span) for k, s in rows]
+
+    def rg2_pairs(self, indices: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(CG Rg^2, true fine Rg^2), float64 1-D over (window, molecule with >= 2 beads), of
+        the target frames of the given windows (default: all): what the property head's
+        no-learning baselines are measured on. Windows without fine Rg^2 are left out."""
+        from openmm_cgml.models.property import cg_rg2
+
+        by_system: dict[int, list[int]] = {}
+        for system, frame in self.target_frames(indices):
+            by_system.setdefault(system, []).append(frame)
+        cg_parts, fine_parts = [], []
+        for system, frames in sorted(by_system.items()):
+            trajectory = self.trajectories[system]
+            if trajectory.fine_rg2 is None or not self.systems[system].n_molecules:
+                continue
+            frames = np.asarray(frames)
+            cg_parts.append(cg_rg2(trajectory.positions[frames], trajectory.mapping.bead_masses,
+                                   trajectory.mapping.molecule_of_bead).ravel())
+            fine_parts.append(np.asarray(trajectory.fine_rg2[frames], dtype=np.float64).ravel())
+        if not cg_parts:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate(cg_parts), np.concatenate(fine_parts)
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Batch samples into one disjoint graph (torch tensors; format in module docstring)."""
         import torch
 
-        bead_offset = atom_offset = 0
+        bead_offset = atom_offset = molecule_offset = 0
         parts: dict[str, list] = {k: [] for k in (
             "batch", "cg_bonds", "bead_masses", "atom_type", "atom_masses", "fine_bonds",
-            "bond_type", "bead_of_atom", "atom_batch")}
+            "bond_type", "bead_of_atom", "atom_batch", "property_bead", "property_molecule", "fine_rg2")}
         for graph_id, sample in enumerate(samples):
             system = self.systems[sample["system"]]
             parts["batch"].append(np.full(system.n_beads, graph_id, dtype=np.int64))
@@ -287,6 +352,13 @@ class WindowDataset:
             parts["bond_type"].append(system.bond_type)
             parts["bead_of_atom"].append(system.bead_of_atom + bead_offset)
             parts["atom_batch"].append(np.full(system.n_atoms, graph_id, dtype=np.int64))
+            in_molecule = np.flatnonzero(system.bead_molecule >= 0)
+            parts["property_bead"].append(in_molecule + bead_offset)
+            parts["property_molecule"].append(system.bead_molecule[in_molecule] + molecule_offset)
+            fine = sample.get("fine_rg2")
+            parts["fine_rg2"].append(np.asarray(fine, dtype=np.float32) if fine is not None
+                                     else np.full(system.n_molecules, np.nan, dtype=np.float32))
+            molecule_offset += system.n_molecules
             bead_offset += system.n_beads
             atom_offset += system.n_atoms
         batch = {key: torch.from_numpy(np.concatenate(values)) for key, values in parts.items()}

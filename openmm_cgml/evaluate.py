@@ -17,6 +17,12 @@ its distribution, mean, autocorrelation and relaxation time (integral to the fir
 crossing); for periodic systems, RDFs between bead species and diffusivities per
 species from the MSD; bead collision rate over time; a free-energy surface on the
 first two principal components of the CG coordinates (single-molecule systems).
+Fine-level Rg^2 (the paper's property, per molecule with more than one bead, mean over
+molecules and frames): the true value from the atoms for the reference and short MD,
+and for each learned run the model's property head (``LearnedSimulator.fineRg2``)
+applied to its rollout frames (models exported without a head get none); the head on
+the reference's own CG frames is reported too, which separates the head's error from
+the rollout's.
 The report is a directory with ``report.md``, ``metrics.json`` and PNG plots.
 """
 from __future__ import annotations
@@ -106,6 +112,24 @@ def molecule_groups(mapping, min_beads: int = 2) -> list[np.ndarray]:
     """Bead indices of every molecule with at least ``min_beads`` beads (for Rg^2)."""
     groups = [np.flatnonzero(mapping.molecule_of_bead == m) for m in np.unique(mapping.molecule_of_bead)]
     return [g for g in groups if len(g) >= min_beads]
+
+
+def fine_rg2_series(fine_positions: np.ndarray, mapping) -> np.ndarray | None:
+    """Mean over molecules (those with >= 2 beads) of the true fine-level Rg^2 per frame,
+    nm^2, from the atoms [F, n, 3]; None without such molecules."""
+    from openmm_cgml.models.property import fine_rg2
+
+    per_molecule = fine_rg2(fine_positions, mapping)
+    return per_molecule.mean(axis=1) if per_molecule.shape[1] else None
+
+
+def predicted_fine_rg2_series(learned, cg, positions: np.ndarray) -> np.ndarray | None:
+    """Mean over molecules of the property head's fine Rg^2 per CG frame, or None (no
+    head, or no molecule with >= 2 beads)."""
+    if not getattr(learned, "hasPropertyHead", False) or len(positions) == 0:
+        return None
+    per_molecule = learned.fineRg2(cg, positions)
+    return per_molecule.mean(axis=1) if per_molecule.shape[1] else None
 
 
 def rg2_series(positions: np.ndarray, masses: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
@@ -232,12 +256,25 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
     start_frames = reference[: (seq_len - 1) * dilation + 1 : dilation].astype(np.float64)
 
     runs = [long_ref, short_ref]
+    model_of_run = {}
     for label, learned in models.items():
         runs.append(rollout(learned, cg, start_frames, n_steps, seed=seed, label=label, progress=progress,
                             dcd_path=out_dir / f"{label.replace(' ', '_')}.dcd"))
+        model_of_run[label] = learned
         if label == ablation_model and learned.scorePath is not None:
             runs.append(rollout(learned, cg, start_frames, n_steps, score=False, seed=seed,
                                 label=f"{label} (no score)", progress=progress))
+            model_of_run[f"{label} (no score)"] = learned
+    # fine-level Rg^2: true (atoms) for the MD runs, the property head's for learned runs
+    fine_ref = fine_rg2_series(record.positions[::dilation], mapping)
+    fine = {}
+    if fine_ref is not None:
+        fine[long_ref.label] = fine_ref
+        fine[short_ref.label] = fine_ref[:short_frames]
+        for run in runs[2:]:
+            predicted = predicted_fine_rg2_series(model_of_run[run.label], cg, run.positions)
+            if predicted is not None:
+                fine[run.label] = predicted
     max_lag = max(2, int(len(long_ref.positions) // 2))
     results = {run.label: compute_observables(run, masses, groups, species, bonds, threshold, periodic,
                                               rdf_pairs, max_acf_lag=max_lag) for run in runs}
@@ -247,6 +284,11 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
         "step_ps": step_ps, "reference_ps": long_ref.duration_ps, "training_ps": train_ps,
         "rollout_steps": n_steps, "collision_threshold_nm": threshold, "runs": {},
     }
+    if fine_ref is not None:
+        head_on_reference = {label: predicted_fine_rg2_series(learned, cg, long_ref.positions)
+                             for label, learned in models.items()}
+        metrics["fine_rg2_head_on_reference"] = {label: float(np.mean(v)) for label, v in head_on_reference.items()
+                                                 if v is not None}
     ref_obs = results["reference MD"]
     for run in runs:
         obs = results[run.label]
@@ -262,6 +304,9 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
             entry["rg2_js_vs_reference"] = _js(ref_obs.rg2, obs.rg2) if run is not long_ref else 0.0
             entry["relaxation_ps_integral"] = obs.relaxation.tau_integral
             entry["relaxation_ps_exp"] = obs.relaxation.tau_exp
+        if run.label in fine:
+            entry["fine_rg2_mean"] = float(np.mean(fine[run.label]))
+            entry["fine_rg2_source"] = "atoms" if run is long_ref or run is short_ref else "property head"
         entry["collision_rate_mean"] = float(np.mean(obs.collision)) if len(obs.collision) else None
         if obs.diffusion:
             entry["diffusivity_nm2_per_ps"] = {k: [v.D, v.D_err] for k, v in obs.diffusion.items()}
@@ -340,6 +385,11 @@ def summarise(all_metrics: list[dict]) -> dict[str, dict[str, float]]:
         if pairs:
             ref, est = np.array(pairs).T
             out["relaxation_mae_ps"] = analysis.mean_absolute_error(est, ref)
+        pairs = [(r.get("fine_rg2_mean"), m.get("fine_rg2_mean")) for r, m in rows]
+        pairs = [(r, m) for r, m in pairs if r is not None and m is not None]
+        if pairs:
+            ref, est = np.array(pairs).T
+            out["fine_rg2_mean_relative_error"] = float(np.mean(np.abs(analysis.relative_error(est, ref))))
         js = [m["rg2_js_vs_reference"] for _, m in rows if m.get("rg2_js_vs_reference") is not None]
         if js:
             out["rg2_js_divergence_mean"] = float(np.mean(js))
@@ -365,14 +415,17 @@ def write_report(all_metrics: list[dict], out_dir: Path, context: dict) -> Path:
     lines += ["", "All numbers below were computed by `cgml evaluate` from the trajectories in this run. "
               "Rg² is the mass-weighted radius of gyration of the CG beads (nm²); relaxation times are "
               "the integral of the Rg² autocorrelation to its first zero crossing. "
-              "\"short MD\" is the reference cut to the training-trajectory length.", ""]
+              "\"short MD\" is the reference cut to the training-trajectory length. "
+              "Fine Rg² is the atomistic Rg² (nm²): from the atoms for the MD runs, predicted by the "
+              "model's property head from the CG frames for learned runs (– : no head).", ""]
     lines += ["## Summary (errors against the long reference MD, over held-out systems)", "",
-              "| method | Rg² MAE (nm²) | Rg² mean rel. error | relaxation MAE (ps) | Rg² JS div. | collisions/bead |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              "| method | Rg² MAE (nm²) | Rg² mean rel. error | relaxation MAE (ps) | Rg² JS div. | collisions/bead "
+              "| fine Rg² mean rel. error |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for method, s in summary.items():
         lines.append(f"| {method} | {_fmt(s.get('rg2_mae_nm2'))} | {_fmt(s.get('rg2_mean_relative_error'))} | "
                      f"{_fmt(s.get('relaxation_mae_ps'))} | {_fmt(s.get('rg2_js_divergence_mean'))} | "
-                     f"{_fmt(s.get('collision_rate_mean'))} |")
+                     f"{_fmt(s.get('collision_rate_mean'))} | {_fmt(s.get('fine_rg2_mean_relative_error'))} |")
     d_keys = sorted({k for s in summary.values() for k in s if k.startswith("D_")})
     if d_keys:
         lines += ["", "| method | " + " | ".join(d_keys) + " |", "| --- |" + " --- |" * len(d_keys)]
@@ -384,15 +437,22 @@ def write_report(all_metrics: list[dict], out_dir: Path, context: dict) -> Path:
                   f"{m['n_atoms']} atoms -> {m['n_beads']} beads; learned step {m['step_ps']:g} ps; "
                   f"reference {m['reference_ps']:g} ps; training trajectories {m['training_ps']:g} ps; "
                   f"rollouts {m['rollout_steps']} steps ({m['rollout_steps'] * m['step_ps']:g} ps).", "",
-                  "| run | duration (ps) | <Rg²> (nm²) | ± | relaxation (ps) | JS vs ref | collisions/bead | speed (ns/day) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| run | duration (ps) | <Rg²> (nm²) | ± | relaxation (ps) | JS vs ref | collisions/bead | speed (ns/day) "
+                  "| fine <Rg²> (nm²) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for label, r in m["runs"].items():
             lines.append(f"| {label} | {_fmt(r.get('duration_ps'), 5)} | {_fmt(r.get('rg2_mean'))} | "
                          f"{_fmt(r.get('rg2_sem'), 2)} | {_fmt(r.get('relaxation_ps_integral'))} | "
                          f"{_fmt(r.get('rg2_js_vs_reference'))} | {_fmt(r.get('collision_rate_mean'))} | "
-                         f"{_fmt(r.get('simulated_ns_per_day'))} |")
+                         f"{_fmt(r.get('simulated_ns_per_day'))} | {_fmt(r.get('fine_rg2_mean'))} |")
             if r.get("failure"):
-                lines.append(f"|  | failed at step {r['failed_at_step']}: {r['failure'][:120]} | | | | | | |")
+                lines.append(f"|  | failed at step {r['failed_at_step']}: {r['failure'][:120]} | | | | | | | |")
+        if m.get("fine_rg2_head_on_reference"):
+            ref_fine = m["runs"].get("reference MD", {}).get("fine_rg2_mean")
+            parts = [f"{label} {_fmt(v)} nm²" for label, v in m["fine_rg2_head_on_reference"].items()]
+            lines += ["", f"Property head on the reference's own CG frames: {', '.join(parts)} (true fine "
+                          f"<Rg²> {_fmt(ref_fine)} nm²; reference CG <Rg²> "
+                          f"{_fmt(m['runs'].get('reference MD', {}).get('rg2_mean'))} nm²)."]
         if m.get("md_ns_per_day"):
             fastest = max((r.get("simulated_ns_per_day") or 0) for r in m["runs"].values())
             lines += ["", f"Reference MD of the fine system runs at {m['md_ns_per_day']:.3g} ns/day here; "

@@ -6,6 +6,10 @@ The directory holds everything :class:`openmm_cgml.LearnedSimulator` needs to si
     dynamics.pt      TorchScript dynamics module (docs/contract.md), verified to load and
                      run in a fresh process that imports only torch
     score.pt         TorchScript score module (absent if the run trained no score model)
+    property.pt      TorchScript property head (``models.property``: fine-level Rg^2 per
+                     molecule from CG positions; absent if the run trained none), verified
+                     in the same fresh process; read by LearnedSimulator.fineRg2, not by the
+                     C++ integrator
     embedding.pt     embedding GNN: {"format", "state_dict", "model_config",
                      "num_atom_types", "num_bond_types"} (torch.save, weights_only-safe);
                      run once per system by LearnedSimulator to make the bead features
@@ -13,7 +17,15 @@ The directory holds everything :class:`openmm_cgml.LearnedSimulator` needs to si
                      record_interval_ps, seq_len, dilation, cg options (cg_level, small
                      molecule rule, METIS seed), atom/bond type vocabularies, the bond type
                      of each atom-type pair seen in training, the atom-type rule, kind,
-                     periodic, files, checkpoint step and last metrics
+                     periodic, files, checkpoint step and last metrics, and ``property``
+                     (the head's quantity, unit, config and training baselines) or null
+
+Why TorchScript for the property head (rather than a state dict like embedding.pt): it
+is a model output users may want outside Python (next to the integrator, in libtorch),
+the archive is self-contained (an exported model keeps its head even if the Python class
+changes later), and it reuses the export checks (no custom ops, fresh-process parity).
+Model directories exported before the head existed have no ``files.property`` and load
+as before.
 
 Export refuses (:class:`openmm_cgml.models.ExportError`) a model that does not compile
 to TorchScript, uses custom ops (torch.ops outside aten/prim, e.g. torchmd-net 3.x's
@@ -40,7 +52,8 @@ MANIFEST_FORMAT = "openmm-cgml-simulator/1"
 EMBEDDING_FILE = "embedding.pt"
 EMBEDDING_FORMAT = "openmm-cgml-embedding/1"
 #: the files an export writes (other files in an existing model directory are carried over)
-MODEL_FILES = ("dynamics.pt", "score.pt", EMBEDDING_FILE, MANIFEST)
+PROPERTY_FILE = "property.pt"
+MODEL_FILES = ("dynamics.pt", "score.pt", PROPERTY_FILE, EMBEDDING_FILE, MANIFEST)
 _TMP_TAG, _OLD_TAG = ".export-tmp-", ".export-old-"
 
 #: how atom types are obtained for a new topology (documented in the manifest)
@@ -84,16 +97,31 @@ def _example_inputs(dynamics, score, embedding, ckpt: dict[str, Any]):
     return dyn_inputs, score_inputs
 
 
-def _write_package(embedding, dynamics, score, ckpt: dict[str, Any], out: Path, verify: bool) -> None:
-    """Write the four model files into the (new, empty) directory ``out``."""
-    from openmm_cgml.models import export_dynamics, export_models
+def _property_inputs(dyn_inputs) -> tuple:
+    """Property head inputs: the dynamics example's frames [T, n, 3] and features, its
+    beads split into two molecules."""
+    history, _, features, _ = dyn_inputs
+    n = history.size(1)
+    molecule = (torch.arange(n) >= n // 2).long()
+    return (history, features, molecule)
+
+
+def _write_package(embedding, dynamics, score, ckpt: dict[str, Any], out: Path, verify: bool,
+                   property_head=None) -> None:
+    """Write the model files into the (new, empty) directory ``out``."""
+    from openmm_cgml.models.export import export_archives
 
     embedding = embedding.cpu().float().eval()
     dyn_inputs, score_inputs = _example_inputs(dynamics, score, embedding, ckpt)
+    entries = [(dynamics, "dynamics", out / "dynamics.pt", dyn_inputs)]
     if score is not None:
-        export_models(dynamics, score, out, dyn_inputs, score_inputs, verify=verify)
-    else:
-        export_dynamics(dynamics, out / "dynamics.pt", dyn_inputs, verify=verify)
+        entries.append((score, "score", out / "score.pt", score_inputs))
+    if property_head is not None:
+        if int(property_head.num_features) != int(dynamics.num_features):
+            raise ValueError(f"the property head reads {property_head.num_features} bead features, the "
+                             f"dynamics model {dynamics.num_features}")
+        entries.append((property_head, "property", out / PROPERTY_FILE, _property_inputs(dyn_inputs)))
+    export_archives(entries, verify=verify)
     model_config = dict(ckpt["model_config"])
     torch.save({"format": EMBEDDING_FORMAT, "state_dict": embedding.state_dict(),
                 "model_config": model_config, "num_atom_types": len(ckpt["atom_vocabulary"]),
@@ -108,7 +136,14 @@ def _write_package(embedding, dynamics, score, ckpt: dict[str, Any], out: Path, 
         "versions": {"openmm_cgml": openmm_cgml.__version__, "torch": str(torch.__version__),
                      "openmm": openmm.__version__, "trained_with": ckpt.get("versions", {})},
         "files": {"dynamics": "dynamics.pt", "score": "score.pt" if score is not None else None,
-                  "embedding": EMBEDDING_FILE},
+                  "embedding": EMBEDDING_FILE,
+                  "property": PROPERTY_FILE if property_head is not None else None},
+        "property": None if property_head is None else {
+            "quantity": "fine-level mass-weighted Rg^2 per molecule with >= min_beads beads",
+            "unit": "nm^2", "min_beads": int(property_head.min_beads),
+            "inputs": "positions [N,3] or [F,N,3] nm, bead features [N,F], molecule [N] int64",
+            "config": dict(ckpt.get("property_config") or {}),
+            "baselines": ckpt.get("property_baselines") or {}},
         "kind": ckpt.get("kind"),
         "periodic": bool(ckpt.get("periodic", False)),
         "step_size_ps": float(ckpt["step_size_ps"]),
@@ -208,14 +243,15 @@ def _move_into_place(new: Path, out: Path) -> None:
 
 
 def export_simulator(embedding, dynamics, score, ckpt: dict[str, Any], out_dir: str | os.PathLike,
-                     verify: bool = True) -> Path:
+                     verify: bool = True, property_head=None) -> Path:
     """Write the simulator directory from in-memory models and checkpoint metadata
     (``ckpt``: a training checkpoint dict; its weights are not used). Returns out_dir.
 
     Nothing is written into ``out_dir`` until the new model is complete: it is built in a
     sibling directory ``.NAME.export-tmp-PID``, its archives verified (``verify``: in a
     fresh process) and the whole package loaded with :class:`LearnedSimulator`, and only
-    then moved into place. A failed or killed export leaves the previous model as it was
+    then moved into place. ``property_head``: the optional property head
+    (``models.property.PropertyHead``), written as property.pt. A failed or killed export leaves the previous model as it was
     (files in ``out_dir`` that are not model files are carried over). A non-empty
     directory that is not an exported model is never replaced."""
     from openmm_cgml.simulator import LearnedSimulator
@@ -228,7 +264,7 @@ def export_simulator(embedding, dynamics, score, ckpt: dict[str, Any], out_dir: 
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir()
     try:
-        _write_package(embedding, dynamics, score, ckpt, new, verify)
+        _write_package(embedding, dynamics, score, ckpt, new, verify, property_head)
         LearnedSimulator.load(new)  # the complete package loads and is consistent
         if out.is_dir():
             for entry in out.iterdir():
@@ -261,7 +297,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         checkpoint = run_checkpoint(checkpoint, last)
     ckpt = load_checkpoint(checkpoint)
     net = build_models_from_checkpoint(ckpt)
-    return export_simulator(net.embedding, net.dynamics, net.score, ckpt, out_dir, verify=verify)
+    return export_simulator(net.embedding, net.dynamics, net.score, ckpt, out_dir, verify=verify,
+                            property_head=net.property)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -275,7 +312,8 @@ def _run_export(args: argparse.Namespace) -> int:
         return 2
     manifest = json.loads((out / MANIFEST).read_text())
     print(f"exported {args.checkpoint} -> {out} (seq_len {manifest['seq_len']}, step "
-          f"{manifest['step_size_ps']} ps, score: {'yes' if manifest['files']['score'] else 'no'})")
+          f"{manifest['step_size_ps']} ps, score: {'yes' if manifest['files']['score'] else 'no'}, "
+          f"property head: {'yes' if manifest['files'].get('property') else 'no'})")
     return 0
 
 

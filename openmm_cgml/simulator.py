@@ -7,6 +7,9 @@
     simulation.context.setPositions(cg.positions)
     integrator.setHistory(cg.mapTrajectory(traj))          # optional: real history frames
 
+With a property head (``property.pt``, optional), ``sim.fineRg2(cg, frames)`` predicts
+each molecule's fine-level (atomistic) Rg^2 from CG frames, e.g. a learned rollout's.
+
 ``coarseGrain`` applies the exported CG options (cg_level, small-molecule rule, METIS
 seed) to the fine graph, and computes the bead features with the exported embedding GNN
 (once; it sees no positions). Atom types follow the rule the training data used:
@@ -150,8 +153,9 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
         for key in ("dynamics", "embedding"):
             if not isinstance(files.get(key), str) or not files.get(key):
                 problems.append(f"'files.{key}' must be a file name, got {files.get(key)!r}")
-        if files.get("score") is not None and not isinstance(files["score"], str):
-            problems.append(f"'files.score' must be a file name or null, got {files['score']!r}")
+        for key in ("score", "property"):
+            if files.get(key) is not None and not isinstance(files[key], str):
+                problems.append(f"'files.{key}' must be a file name or null, got {files[key]!r}")
     if "bond_type_of_pair" in manifest and not isinstance(manifest["bond_type_of_pair"], dict):
         problems.append(f"'bond_type_of_pair' must be an object, got {manifest['bond_type_of_pair']!r}")
     if not problems and abs(manifest["step_size_ps"] - manifest["dilation"] * manifest["record_interval_ps"]) \
@@ -166,10 +170,11 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
 class LearnedSimulator:
     """An exported learned simulator (``cgml export`` directory); see the module docstring."""
 
-    def __init__(self, directory: str | os.PathLike, manifest: dict[str, Any], embedding):
+    def __init__(self, directory: str | os.PathLike, manifest: dict[str, Any], embedding, property_model=None):
         self.directory = Path(directory)
         self.manifest = manifest
         self.embedding = embedding
+        self.property_model = property_model  # TorchScript property head, or None
         self.atom_vocabulary: list[str] = list(manifest["atom_vocabulary"])
         self.bond_vocabulary: list[str] = list(manifest["bond_vocabulary"])
         self.bond_type_of_pair: dict[str, str] = dict(manifest.get("bond_type_of_pair", {}))
@@ -231,7 +236,18 @@ class LearnedSimulator:
                                           saved["num_atom_types"], saved["num_bond_types"])
         embedding.load_state_dict(saved["state_dict"])
         embedding.eval()
-        return cls(directory, manifest, embedding)
+        property_model = None
+        if "property" in files:
+            try:
+                property_model = torch.jit.load(str(files["property"]), map_location="cpu").eval()
+            except Exception as err:
+                raise ValueError(f"{files['property']}: cannot load the TorchScript property archive "
+                                 f"({type(err).__name__})") from None
+            width = getattr(property_model, "num_features", None)
+            if "num_features" in manifest and width != manifest["num_features"]:
+                raise ValueError(f"{path}: num_features {manifest['num_features']} does not match "
+                                 f"{files['property'].name} (num_features {width})")
+        return cls(directory, manifest, embedding, property_model)
 
     # -- properties ------------------------------------------------------------------------
     @property
@@ -264,6 +280,56 @@ class LearnedSimulator:
     @property
     def scorePath(self) -> Path | None:
         return self._file("score")
+
+    @property
+    def propertyPath(self) -> Path | None:
+        """The property head archive, or None (models exported without one)."""
+        return self._file("property")
+
+    @property
+    def hasPropertyHead(self) -> bool:
+        return self.property_model is not None
+
+    def fineRg2(self, cg: CGSystem, positions, chunk: int = 1024) -> np.ndarray:
+        """Predicted fine-level (atomistic) mass-weighted Rg^2, nm^2, of every molecule of
+        ``cg`` with >= 2 beads (in molecule order, as ``evaluate.molecule_groups``), from
+        CG positions [F, N, 3] -> [F, M] or [N, 3] -> [M] (nm array or Quantity;
+        unwrapped). Each molecule is centred in float64 before the (float32) head runs,
+        so the result does not depend on where the molecule sits. ValueError if the
+        model has no property head."""
+        import torch
+
+        from openmm_cgml.models.property import property_molecules
+
+        if self.property_model is None:
+            raise ValueError(f"{self.directory} has no property head (exported without one, or before "
+                             "openmm-cgml had it); retrain with property_weight > 0 and re-export")
+        x = _nm(positions)
+        single = x.ndim == 2
+        if single:
+            x = x[None]
+        if x.ndim != 3 or x.shape[1:] != (cg.n_beads, 3):
+            raise ValueError(f"positions of shape {x.shape} do not match [frames, {cg.n_beads} beads, 3]")
+        bead_molecule = property_molecules(cg.mapping.molecule_of_bead, int(self.property_model.min_beads))
+        beads = np.flatnonzero(bead_molecule >= 0)
+        n_mol = int(bead_molecule.max()) + 1 if beads.size else 0
+        out = np.zeros((x.shape[0], n_mol))
+        if n_mol:
+            molecule = bead_molecule[beads]
+            masses = np.asarray(cg.mapping.bead_masses, dtype=np.float64)[beads]
+            total = np.bincount(molecule, weights=masses, minlength=n_mol)
+            fraction = np.zeros((len(beads), n_mol))
+            fraction[np.arange(len(beads)), molecule] = masses / total[molecule]
+            xs = x[:, beads]
+            com = np.einsum("fnk,nm->fmk", xs, fraction)  # [F, M, 3] centres of mass
+            centred = xs - com[:, molecule]
+            features = torch.from_numpy(np.ascontiguousarray(cg.features[beads], dtype=np.float32))
+            molecule_t = torch.from_numpy(molecule)
+            with torch.no_grad():
+                for start in range(0, len(centred), chunk):
+                    frames = torch.from_numpy(np.ascontiguousarray(centred[start:start + chunk], dtype=np.float32))
+                    out[start:start + chunk] = self.property_model(frames, features, molecule_t).double().numpy()
+        return out[0] if single else out
 
     # -- coarse-graining ---------------------------------------------------------------------
     def _check_types(self, kind: str, types: Sequence[str], vocabulary: Sequence[str]) -> None:
@@ -417,4 +483,5 @@ class LearnedSimulator:
         m = self.manifest
         return (f"<LearnedSimulator {self.directory} backbone={m.get('backbone')} seq_len={m['seq_len']} "
                 f"step={m['step_size_ps']} ps cg_level={m['cg']['cg_level']} "
-                f"score={'yes' if m['files'].get('score') else 'no'}>")
+                f"score={'yes' if m['files'].get('score') else 'no'} "
+                f"property={'yes' if m['files'].get('property') else 'no'}>")

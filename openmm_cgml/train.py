@@ -44,12 +44,24 @@ pass a preset name such as ``chain-demo`` instead of a path)::
                                      # refinement if `score`); best.pt is chosen by its
                                      # score, or by the validation NLL when it is off
     train_max_windows: null          # keep only the first N training windows (debugging)
+    property_weight: 1.0             # weight of the property head's loss (fine-level Rg^2,
+                                     # openmm_cgml.models.property); 0: no property head
+    property_hidden_dim: 32          # width of the property head's two hidden layers
 
 Training scheme (decided here): the three networks are trained *jointly* with one Adam
 optimiser on ``loss = NLL_dynamics + score_weight * DSM_score``. With ``detach_latent``
 (default) the score loss does not flow into the dynamics GNN, so the dynamics GNN and the
 embedding GNN see exactly the gradients they would get when trained alone; the score GNN
 learns on the (moving) dynamics latent. ``models: dynamics`` trains without the score.
+
+The property head (``property_weight`` > 0) predicts each molecule's fine-level Rg^2
+from the target frame's CG positions and the (detached) bead features; its loss
+(mean squared relative error, ``models.losses.property_loss``) is added as
+``+ property_weight * property``. It sees no gradient path into the other networks and
+its gradients are clipped on their own, so the embedding, dynamics and score GNNs train
+exactly as without it. Its no-learning baselines on the same windows (the CG Rg^2 alone,
+and a constant ratio fitted on the training windows) are printed, written to
+``property_baselines.json`` and logged beside its validation loss.
 
 Randomness: model initialisation uses ``seed``. Every random draw of a training step
 (position-noise level and noise, DSM level and noise, the augmenting rotation; all in
@@ -62,13 +74,18 @@ same set of windows for any number of ranks dividing B.
 Outputs in ``--out`` (default: ``runs/<config name>``)::
 
     config.yaml          the resolved config
-    metrics.csv          step, epoch, train_dynamics, train_score, train_total,
-                         val_dynamics, val_score, val_rollout_* (score, rg2_bias,
+    metrics.csv          step, epoch, train_dynamics, train_score, train_property,
+                         train_total, val_dynamics, val_score, val_property,
+                         val_property_zero_residual, val_property_constant_ratio
+                         (the baselines on the same validation windows),
+                         val_rollout_* (score, rg2_bias,
                          collisions, relaxation_error, failures),
                          val_reference_collisions, lr, grad_norm, time_s (wall
                          seconds in training steps, excluding validation and
                          checkpoints), cpu_s (process CPU seconds since start)
     loss_curves.png
+    property_baselines.json  the property head's baselines: {"train": {...}, "val": {...}}
+                         each {"zero_residual", "constant_ratio", "ratio", "pairs"}
     checkpoints/step_<N>.pt, checkpoints/last.pt, checkpoints/best.pt (lowest rollout
                          score, or validation dynamics NLL without rollouts; what
                          `cgml export RUN` exports unless --last)
@@ -80,7 +97,7 @@ Checkpoint format (``torch.save`` dict; only tensors and plain types, so it load
     model_config (dict), atom_vocabulary, bond_vocabulary, bond_type_of_pair (dict
     "A|B" -> bond type), mapping_options (dict), record_interval_ps, step_size_ps,
     kind, periodic, embedding / dynamics / score (state dicts; score None if not
-    trained), optimizer, scheduler (state dicts), rng {torch, numpy, python},
+    trained), property (state dict or None), property_config, property_baselines, optimizer, scheduler (state dicts), rng {torch, numpy, python},
     metrics (last logged row), versions.
 
 Data-parallel: ``torchrun --nproc_per_node 2 -m openmm_cgml.cli train CONFIG`` (gloo on
@@ -117,8 +134,10 @@ CHECKPOINT_FORMAT = "openmm-cgml-checkpoint/1"
 CONFIG_DIR = Path(__file__).with_name("configs")
 ROLLOUT_COLUMNS = ["val_rollout_score", "val_rollout_rg2_bias", "val_rollout_collisions",
                    "val_reference_collisions", "val_rollout_relaxation_error", "val_rollout_failures"]
-METRIC_COLUMNS = ["step", "epoch", "train_dynamics", "train_score", "train_total", "val_dynamics",
-                  "val_score", *ROLLOUT_COLUMNS, "lr", "grad_norm", "time_s", "cpu_s"]
+PROPERTY_COLUMNS = ["val_property", "val_property_zero_residual", "val_property_constant_ratio"]
+METRIC_COLUMNS = ["step", "epoch", "train_dynamics", "train_score", "train_property", "train_total",
+                  "val_dynamics", "val_score", *PROPERTY_COLUMNS, *ROLLOUT_COLUMNS, "lr", "grad_norm", "time_s",
+                  "cpu_s"]
 
 
 # ----------------------------------------------------------------------------- config
@@ -153,6 +172,8 @@ class TrainConfig:
     rollout: dict = field(default_factory=dict)
     score_ladder_from_data: list | None = None
     train_max_windows: int | None = None
+    property_weight: float = 1.0
+    property_hidden_dim: int = 32
     num_threads: int | None = None
     name: str = ""
 
@@ -166,7 +187,9 @@ class TrainConfig:
         require(self.seq_len >= 2, "seq_len", self.seq_len, ">= 2")
         for key in ("dilation", "stride", "batch_size", "small_molecule_max_atoms"):
             require(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
-        for key in ("steps", "checkpoint_every", "val_every", "log_every", "score_weight"):
+        require(self.property_hidden_dim >= 1, "property_hidden_dim", self.property_hidden_dim, ">= 1")
+        require(math.isfinite(self.property_weight), "property_weight", self.property_weight, "a finite number")
+        for key in ("steps", "checkpoint_every", "val_every", "log_every", "score_weight", "property_weight"):
             require(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
         require(0 < self.cg_level < math.inf, "cg_level", self.cg_level, "a positive number (atoms per bead)")
         require(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
@@ -320,14 +343,24 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
 class CGMLNet(nn.Module):
     """The three networks as one module (one parameter set to average over ranks, one state)."""
 
-    def __init__(self, model_config, num_atom_types: int, num_bond_types: int, with_score: bool = True):
+    def __init__(self, model_config, num_atom_types: int, num_bond_types: int, with_score: bool = True,
+                 property_config: dict | None = None):
         super().__init__()
         from openmm_cgml.models import build_dynamics_model, build_embedding_model, build_score_model
+        from openmm_cgml.models.property import build_property_head
 
         self.embedding = build_embedding_model(model_config, num_atom_types, num_bond_types)
         self.dynamics = build_dynamics_model(model_config, self.embedding.num_features)
         self.score = build_score_model(model_config, self.embedding.num_features,
                                        self.dynamics.latent_dim) if with_score else None
+        # built last: the other networks' initial weights do not depend on whether it exists
+        self.property = build_property_head({**property_config, "num_features": self.embedding.num_features}) \
+            if property_config else None
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the embedding, dynamics and score GNNs (not the property head)."""
+        head = {id(p) for p in self.property.parameters()} if self.property is not None else set()
+        return [p for p in self.parameters() if id(p) not in head]
 
     def bead_features(self, batch: dict) -> torch.Tensor:
         """Embedding GNN once per distinct system of the batch, gathered onto every graph."""
@@ -356,10 +389,11 @@ class CGMLNet(nn.Module):
         return unique_features[block_start[inverse[bead_graph]] + local]
 
     def forward(self, batch: dict, noise: dict, score_weight: float = 1.0,
-                detach_latent: bool = True) -> dict[str, torch.Tensor]:
+                detach_latent: bool = True, property_weight: float = 1.0) -> dict[str, torch.Tensor]:
         """Losses of one batch under the draws of ``models.losses.sample_noise``:
-        the window rotated (augmentation), its input frames noised, the DSM noise."""
-        from openmm_cgml.models.losses import dynamics_loss, rotate_positions, score_loss
+        the window rotated (augmentation), its input frames noised, the DSM noise; with a
+        property head, its loss on the (clean, unrotated: it is invariant) target frame."""
+        from openmm_cgml.models.losses import dynamics_loss, property_loss, rotate_positions, score_loss
 
         features = self.bead_features(batch)
         history, target = batch["history"], batch["target"]
@@ -380,6 +414,12 @@ class CGMLNet(nn.Module):
             out["total"] = nll + score_weight * dsm
         else:
             out["total"] = nll
+        if self.property is not None and "property_bead" in batch:
+            beads = batch["property_bead"]
+            prop = property_loss(self.property, batch["target"][beads], features.detach()[beads],
+                                 batch["property_molecule"], batch["fine_rg2"])
+            out["property"] = prop
+            out["total"] = out["total"] + property_weight * prop
         return out
 
 
@@ -534,12 +574,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def build_models_from_checkpoint(ckpt: dict[str, Any]) -> CGMLNet:
     from openmm_cgml.models import ModelConfig
 
+    with_property = ckpt.get("property") is not None and ckpt.get("property_config")
     net = CGMLNet(ModelConfig.from_dict(ckpt["model_config"]), len(ckpt["atom_vocabulary"]),
-                  len(ckpt["bond_vocabulary"]), with_score=ckpt["score"] is not None)
+                  len(ckpt["bond_vocabulary"]), with_score=ckpt["score"] is not None,
+                  property_config=ckpt["property_config"] if with_property else None)
     net.embedding.load_state_dict(ckpt["embedding"])
     net.dynamics.load_state_dict(ckpt["dynamics"])
     if net.score is not None:
         net.score.load_state_dict(ckpt["score"])
+    if net.property is not None:
+        net.property.load_state_dict(ckpt["property"])
     return net
 
 
@@ -693,8 +737,14 @@ class Trainer:
             spread = self.stats["acceleration_std"]
             self.model_config = dataclasses.replace(self.model_config, score_sigma_max=top * spread,
                                                     score_sigma_min=bottom * spread)
+        self.property_config = None
+        if config.property_weight > 0:
+            self.property_config = {"hidden_dim": int(config.property_hidden_dim), "hidden_layers": 2}
         self.net = CGMLNet(self.model_config, len(self.train_set.atom_vocabulary),
-                           len(self.train_set.bond_vocabulary), with_score=config.models == "both")
+                           len(self.train_set.bond_vocabulary), with_score=config.models == "both",
+                           property_config=self.property_config)
+        if self.property_config:
+            self.property_config["num_features"] = int(self.net.embedding.num_features)
         num_features = self.net.embedding.num_features
         feature_mean = torch.zeros(num_features)
         feature_std = torch.ones(num_features)
@@ -702,6 +752,7 @@ class Trainer:
         feature_std[-1] = self.stats["mass_std"]
         self.net.dynamics.set_normalization(self.stats["velocity_std"], self.stats["acceleration_std"],
                                             feature_mean, feature_std)
+        self.property_baselines = self._setup_property(feature_mean, feature_std)
         if self.net.score is not None:
             self.net.score.set_normalization(self.stats["mass_mean"], self.stats["mass_std"])
         self.augment_rotations = (config.augment_rotations if config.augment_rotations is not None
@@ -726,6 +777,32 @@ class Trainer:
             self.validator = RolloutValidator(self.val_set, config.dilation, rollout["steps"], rollout["starts"],
                                               rollout["systems"], config.seed, rollout["score"]) or None
         self.bond_type_of_pair = _bond_type_table(config.data_dir, config.system)
+
+    def _setup_property(self, feature_mean: torch.Tensor, feature_std: torch.Tensor) -> dict[str, Any]:
+        """Normalise the property head from the training windows and measure its
+        no-learning baselines (train: every training window; val: the windows
+        ``validate`` uses). Returns {"train": {...}, "val": {...}} ({} without a head)."""
+        from openmm_cgml.models.property import baseline_losses
+
+        if self.net.property is None:
+            return {}
+        cg, fine = self.train_set.rg2_pairs()
+        keep = np.isfinite(fine) & (fine > 0)
+        residual = float(np.mean(fine[keep] - cg[keep])) if keep.any() else 1.0
+        reference = float(np.mean(cg[keep])) if keep.any() else 1.0
+        self.net.property.set_normalization(feature_mean, feature_std, residual, reference)
+        train = {**baseline_losses(cg, fine), "pairs": int(keep.sum())}
+        baselines: dict[str, Any] = {"train": train, "residual_scale_nm2": residual, "rg2_reference_nm2": reference}
+        if len(self.val_set):
+            vcg, vfine = self.val_set.rg2_pairs(_evenly_spaced(len(self.val_set), self.config.val_max_windows))
+            vkeep = np.isfinite(vfine) & (vfine > 0)
+            baselines["val"] = {**baseline_losses(vcg, vfine, train["ratio"]), "pairs": int(vkeep.sum())}
+        if self.rank == 0 and self.progress:
+            text = "; ".join(f"{split}: zero residual {b['zero_residual']:.4g}, constant ratio "
+                             f"{b['constant_ratio']:.4g} (c = {b['ratio']:.4g})"
+                             for split, b in baselines.items() if isinstance(b, dict))
+            print(f"property head baselines (mean squared relative error of fine Rg^2) {text}")
+        return baselines
 
     def _checkpoint_dict(self) -> dict[str, Any]:
         config = self.config
@@ -752,6 +829,9 @@ class Trainer:
             "embedding": self.net.embedding.state_dict(),
             "dynamics": self.net.dynamics.state_dict(),
             "score": self.net.score.state_dict() if self.net.score is not None else None,
+            "property": self.net.property.state_dict() if self.net.property is not None else None,
+            "property_config": dict(self.property_config) if self.property_config else None,
+            "property_baselines": copy.deepcopy(self.property_baselines),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(),
@@ -824,10 +904,16 @@ class Trainer:
         ckpt = load_checkpoint(path) if ckpt is None else ckpt
         if ckpt["model_config"] != self.model_config.to_dict():
             raise ValueError(f"{path}: its model config differs from this config's; cannot resume")
+        if (ckpt.get("property") is None) != (self.net.property is None):
+            have = "has no property head" if ckpt.get("property") is None else "has a property head"
+            raise ValueError(f"{path}: the checkpoint {have} but this config's property_weight is "
+                             f"{self.config.property_weight}; resume with the property_weight it was trained with")
         self.net.embedding.load_state_dict(ckpt["embedding"])
         self.net.dynamics.load_state_dict(ckpt["dynamics"])
         if self.net.score is not None:
             self.net.score.load_state_dict(ckpt["score"])
+        if self.net.property is not None:
+            self.net.property.load_state_dict(ckpt["property"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
@@ -873,12 +959,15 @@ class Trainer:
         for start in range(0, len(indices), per_rank):
             batch = self.val_set.collate([self.val_set[i] for i in indices[start:start + per_rank]])
             noise = sample_noise(batch, self.config.seed, -1, None, self.score_ladder, rotate=False)
-            losses = self.net(batch, noise, self.config.score_weight, True)
+            losses = self.net(batch, noise, self.config.score_weight, True, self.config.property_weight)
             n = int(batch["system"].numel())
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * n
             weight += n
         result = {k: v / weight for k, v in totals.items()}
+        if "val" in self.property_baselines:
+            result["property_zero_residual"] = self.property_baselines["val"]["zero_residual"]
+            result["property_constant_ratio"] = self.property_baselines["val"]["constant_ratio"]
         if self.net.score is not None and self.rank == 0:
             self._log_dsm_levels(indices[:64])
         if self.validator is not None:
@@ -932,6 +1021,8 @@ class Trainer:
             import yaml
 
             (self.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            if self.property_baselines:
+                (self.out / "property_baselines.json").write_text(json.dumps(self.property_baselines, indent=1))
         target = config.steps if stop_after is None else min(config.steps, int(stop_after))
         self.net.train()
         if self.step == 0 and config.val_every and self.rank == 0:
@@ -950,12 +1041,14 @@ class Trainer:
             batch = next(data)
             noise = sample_noise(batch, config.seed, self.step, self.noise_ladder, self.score_ladder,
                                  rotate=self.augment_rotations)
-            losses = self.net(batch, noise, config.score_weight, config.detach_latent)
+            losses = self.net(batch, noise, config.score_weight, config.detach_latent, config.property_weight)
             self.optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             if self.world > 1:
                 _average_gradients(self.net, self.world)
-            grad_norm = float(nn.utils.clip_grad_norm_(self.net.parameters(), config.grad_clip))
+            grad_norm = float(nn.utils.clip_grad_norm_(self.net.main_parameters(), config.grad_clip))
+            if self.net.property is not None:  # clipped on its own: it cannot scale the others' step
+                nn.utils.clip_grad_norm_(self.net.property.parameters(), config.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
@@ -1084,7 +1177,8 @@ def _run_train(args: argparse.Namespace) -> int:
         trainer.close()
     if trainer.rank == 0:
         last = result["metrics"][-1] if result["metrics"] else {}
-        summary = {k: last.get(k) for k in ("step", "train_dynamics", "train_score", "val_dynamics", "val_score")}
+        summary = {k: last.get(k) for k in ("step", "train_dynamics", "train_score", "val_dynamics", "val_score",
+                                            *(PROPERTY_COLUMNS if config.property_weight > 0 else ()))}
         print(f"trained to step {result['step']}: {json.dumps(summary)}\ncheckpoint: {result['checkpoint']}")
     return 0
 

@@ -96,6 +96,13 @@ def test_cg_cache_and_train_val_datasets(chain_data_dir):
     again = load_cg_trajectory(directory, cg_level=4)
     np.testing.assert_array_equal(again.positions, first.positions)
     assert first.record_interval_ps == pytest.approx(5.0) and first.box is None
+    # the cache carries the true fine Rg^2 per frame (one chain), from the atoms
+    from openmm_cgml.analysis import radius_of_gyration_squared
+
+    assert first.fine_rg2.shape == (record.n_frames, 1)
+    np.testing.assert_allclose(first.fine_rg2[:, 0], radius_of_gyration_squared(record.positions, record.masses),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(again.fine_rg2, first.fine_rg2)
 
     train, val = make_train_val_datasets(chain_data_dir, cg_level=4, seq_len=4, dilation=2, val_fraction=0.5)
     train_names = {s.name for s in train.systems}
@@ -108,3 +115,38 @@ def test_cg_cache_and_train_val_datasets(chain_data_dir):
     batch = next(iter(loader))
     assert batch["history"].shape == (4, 3 * train.systems[0].n_beads, 3)
     assert batch["step_ps"][0].item() == pytest.approx(10.0)
+
+
+def test_samples_carry_the_fine_rg2_of_the_target_frame(chain_data_dir):
+    train, _ = make_train_val_datasets(chain_data_dir, cg_level=4, seq_len=3, dilation=2, val_fraction=0.5)
+    trajectory = train.trajectories[0]
+    sample = train[4]
+    np.testing.assert_array_equal(sample["fine_rg2"], trajectory.fine_rg2[4 + 3 * 2])  # the target frame
+    batch = train.collate([train[0], train[4]])
+    n = train.systems[0].n_beads
+    assert batch["property_bead"].tolist() == list(range(2 * n))  # one chain: every bead
+    assert batch["property_molecule"].tolist() == [0] * n + [1] * n
+    np.testing.assert_array_equal(batch["fine_rg2"].numpy(), trajectory.fine_rg2[[6, 10], 0])
+    cg, fine = train.rg2_pairs([0, 4])
+    np.testing.assert_allclose(fine, trajectory.fine_rg2[[6, 10], 0])
+    assert np.all(fine > cg)  # parallel axis: the atoms inside the beads add to Rg^2
+
+
+def test_old_cache_without_fine_rg2_is_upgraded(chain_data_dir, tmp_path):
+    import shutil
+    import warnings
+
+    directory = tmp_path / "traj"
+    shutil.copytree(list_trajectories(chain_data_dir, split="train")[0], directory,
+                    ignore=shutil.ignore_patterns("cg_*"))
+    first = load_cg_trajectory(directory, cg_level=4)
+    (cache,) = directory.glob("cg_*.npz")
+    with np.load(cache) as data:  # rewrite it as a cache from before the property head
+        old = {k: data[k] for k in data.files if k != "fine_rg2"}
+    np.savez(cache, **old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # silently rebuilt: not a damaged cache
+        again = load_cg_trajectory(directory, cg_level=4)
+    np.testing.assert_array_equal(again.fine_rg2, first.fine_rg2)
+    with np.load(cache) as data:
+        assert "fine_rg2" in data.files

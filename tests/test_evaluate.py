@@ -73,6 +73,28 @@ def test_evaluate_writes_report_with_all_methods(exported_tiny_model, chain_data
     for label in ("short MD", "tiny", "tiny (no score)", "SL GNN"):
         assert f"| {label} |" in report
 
+    # fine-level Rg^2: true (from the atoms) for MD, the property head's for the learned runs
+    from openmm_cgml.models.property import fine_rg2
+
+    record = load_trajectory(list_trajectories(chain_data_dir, split="test")[0])
+    learned = LearnedSimulator.load(exported_tiny_model)
+    cg = learned.coarseGrain(record)
+    true_fine = fine_rg2(record.positions[::learned.dilation], cg.mapping)[:, 0]
+    assert runs["reference MD"]["fine_rg2_mean"] == pytest.approx(float(true_fine.mean()))
+    assert runs["reference MD"]["fine_rg2_source"] == "atoms" and runs["short MD"]["fine_rg2_source"] == "atoms"
+    assert runs["reference MD"]["fine_rg2_mean"] > runs["reference MD"]["rg2_mean"]
+    for label in ("tiny", "tiny (no score)"):
+        assert runs[label]["fine_rg2_source"] == "property head" and runs[label]["fine_rg2_mean"] > 0
+    assert "fine_rg2_mean" not in runs["SL GNN"]
+    for method in ("short MD", "tiny", "tiny (no score)"):
+        ref, est = runs["reference MD"]["fine_rg2_mean"], runs[method]["fine_rg2_mean"]
+        assert metrics["summary"][method]["fine_rg2_mean_relative_error"] == pytest.approx(abs(est - ref) / ref)
+    head_on_reference = system["fine_rg2_head_on_reference"]["tiny"]
+    cg_frames = cg.mapping.map_positions(record.positions)[::learned.dilation]
+    assert head_on_reference == pytest.approx(float(learned.fineRg2(cg, cg_frames).mean()))
+    assert "fine Rg² mean rel. error" in report and "fine <Rg²> (nm²)" in report
+    assert "Property head on the reference's own CG frames" in report
+
     # plots: each PNG is the figure evaluate drew, and each figure shows this system's data
     figures = recorded_figures[system["system"]]
     assert set(figures) == {"rg2_hist.png", "rg2_acf.png", "collisions.png", "fes_pca.png"}
@@ -128,6 +150,10 @@ def test_summary_errors():
     assert s["rg2_mean_relative_error"] == pytest.approx((0.5 + 0.25) / 2)
     assert s["relaxation_mae_ps"] == pytest.approx(4.0)
     assert s["rg2_js_divergence_mean"] == pytest.approx(0.2)
+    assert "fine_rg2_mean_relative_error" not in s  # no fine-level entries given
+    systems[0]["runs"]["reference MD"]["fine_rg2_mean"] = 4.0
+    systems[0]["runs"]["a"]["fine_rg2_mean"] = 5.0
+    assert evaluate.summarise(systems)["a"]["fine_rg2_mean_relative_error"] == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("factor", [0, -1.0, float("nan"), float("inf")])

@@ -33,8 +33,10 @@ def trained(chain_data_dir, tmp_path_factory):
 
 def test_package_contents(trained):
     _, out = trained
-    assert {p.name for p in out.iterdir()} == {"dynamics.pt", "score.pt", "embedding.pt", MANIFEST}
+    assert {p.name for p in out.iterdir()} == {"dynamics.pt", "score.pt", "property.pt", "embedding.pt", MANIFEST}
     manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["files"]["property"] == "property.pt" and manifest["property"]["min_beads"] == 2
+    assert set(manifest["property"]["baselines"]["train"]) >= {"zero_residual", "constant_ratio", "ratio"}
     assert manifest["format"] == "openmm-cgml-simulator/1"
     assert manifest["seq_len"] == 3 and manifest["dilation"] == 1
     assert manifest["step_size_ps"] == pytest.approx(5.0) and manifest["record_interval_ps"] == pytest.approx(5.0)
@@ -133,3 +135,23 @@ def test_cli_reports_export_errors(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(export_module, "export_simulator", refuse)
     assert cgml_main(["export", str(checkpoint), "-o", str(tmp_path / "x")]) == 2
     assert "custom ops" in capsys.readouterr().err
+
+
+def test_model_dir_without_property_head_still_loads(trained, tmp_path):
+    """A model exported before the property head (no property.pt, no files.property)."""
+    import shutil
+
+    from openmm_cgml.simulator import LearnedSimulator
+
+    _, out = trained
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "property.pt").unlink()
+    manifest = json.loads((old / MANIFEST).read_text())
+    del manifest["files"]["property"], manifest["property"]
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    sim = LearnedSimulator.load(old)
+    assert not sim.hasPropertyHead and sim.propertyPath is None
+    with pytest.raises(ValueError, match="no property head"):
+        sim.fineRg2(None, torch.zeros(4, 3).numpy())
+    assert LearnedSimulator.load(out).hasPropertyHead

@@ -223,3 +223,57 @@ def test_ddp_two_ranks_match_one_process(chain_data_dir, tmp_path):
     np.testing.assert_allclose(column(b, "grad_norm"), column(a, "grad_norm"), rtol=1e-5)
     # not vacuous: each SGD step moves weights by lr x |grad| >> the tolerance
     assert min(column(a, "grad_norm")) * 0.05 > 1e-2
+
+
+def test_property_head_falls_below_the_zero_residual_baseline(chain_data_dir, tmp_path):
+    """~10 s. The property head's loss on the training windows falls below its
+    no-learning baseline (the CG Rg^2 alone), and is logged beside its baselines."""
+    import json
+
+    from openmm_cgml.models.losses import property_loss
+    from openmm_cgml.train import build_datasets
+
+    config = tiny_config(chain_data_dir, steps=40, val_every=40, log_every=10, checkpoint_every=40,
+                         rollout={"enabled": False})
+    assert config.property_weight == 1.0  # on by default
+    train(config, tmp_path / "run", progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    baselines = json.loads((tmp_path / "run" / "property_baselines.json").read_text())
+    assert baselines == ckpt["property_baselines"]
+    net = build_models_from_checkpoint(ckpt).eval()
+    train_set, _ = build_datasets(config)
+    batch = train_set.collate([train_set[i] for i in range(len(train_set))])  # every training window
+    with torch.no_grad():
+        features = net.bead_features(batch)
+        beads = batch["property_bead"]
+        loss = float(property_loss(net.property, batch["target"][beads], features[beads],
+                                   batch["property_molecule"], batch["fine_rg2"]))
+    zero = baselines["train"]["zero_residual"]
+    assert baselines["train"]["pairs"] == len(train_set)  # one chain per window
+    print(f"property loss on the training windows: head {loss:.3g}, zero residual {zero:.3g}, "
+          f"constant ratio {baselines['train']['constant_ratio']:.3g}")
+    assert loss < 0.5 * zero, (loss, baselines["train"])
+
+    rows = read_metrics(tmp_path / "run")
+    assert column(rows, "train_property") and len(column(rows, "val_property")) == 2  # steps 0 and 40
+    # at step 0 the head is the zero-residual baseline (zero output layer)
+    assert column(rows, "val_property")[0] == pytest.approx(baselines["val"]["zero_residual"], rel=1e-5)
+    assert column(rows, "val_property_zero_residual")[-1] == pytest.approx(baselines["val"]["zero_residual"])
+    assert column(rows, "val_property_constant_ratio")[-1] == pytest.approx(baselines["val"]["constant_ratio"])
+    assert column(rows, "val_property")[-1] < 0.5 * column(rows, "val_property_zero_residual")[-1]
+
+
+def test_property_head_leaves_the_other_networks_unchanged(chain_data_dir, tmp_path):
+    """~4 s. Training with the head (property_weight 1) gives exactly the embedding,
+    dynamics and score weights of training without it (property_weight 0: no head)."""
+    common = dict(steps=4, val_every=0, log_every=1, checkpoint_every=4)
+    train(tiny_config(chain_data_dir, **common), tmp_path / "head", progress=False)
+    train(tiny_config(chain_data_dir, property_weight=0.0, **common), tmp_path / "none", progress=False)
+    with_head = load_checkpoint(tmp_path / "head" / "checkpoints" / "last.pt")
+    assert with_head["property"] is not None
+    assert load_checkpoint(tmp_path / "none" / "checkpoints" / "last.pt")["property"] is None
+    a, b = weights(tmp_path / "head" / "checkpoints" / "last.pt"), weights(tmp_path / "none" / "checkpoints" / "last.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert not column(read_metrics(tmp_path / "none"), "train_property")
+    assert column(read_metrics(tmp_path / "head"), "train_property")

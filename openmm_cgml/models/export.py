@@ -22,7 +22,10 @@ from torch import Tensor, nn
 ALLOWED_OP_NAMESPACES = frozenset({"aten", "prim"})
 
 DYNAMICS_ATTRIBUTES = {"seq_len": int, "step_size_ps": float}
-SCORE_ATTRIBUTES = {"langevin_steps": int, "langevin_step_size": float}
+SCORE_ATTRIBUTES = {"langevin_steps": int, "langevin_step_size": float, "langevin_schedule": str}
+#: the property head (``models.property``; read by LearnedSimulator, not by the integrator)
+PROPERTY_ATTRIBUTES = {"min_beads": int, "num_features": int}
+_ATTRIBUTES = {"dynamics": DYNAMICS_ATTRIBUTES, "score": SCORE_ATTRIBUTES, "property": PROPERTY_ATTRIBUTES}
 
 
 class ExportError(RuntimeError):
@@ -65,7 +68,7 @@ def _all_node_kinds(graph) -> list[str]:
 
 
 def _check_contract_attributes(scripted, kind: str) -> None:
-    expected = DYNAMICS_ATTRIBUTES if kind == "dynamics" else SCORE_ATTRIBUTES
+    expected = _ATTRIBUTES[kind]
     for name, typ in expected.items():
         if not hasattr(scripted, name):
             raise ExportError(f"{kind} module lacks the contract attribute '{name}'")
@@ -159,8 +162,8 @@ def verify_archive(path: str | os.PathLike, inputs: Sequence[Tensor], expected: 
 
 
 def script_checked(model: nn.Module, kind: str) -> tuple[nn.Module, torch.jit.ScriptModule]:
-    if kind not in ("dynamics", "score"):
-        raise ValueError("kind must be 'dynamics' or 'score'")
+    if kind not in _ATTRIBUTES:
+        raise ValueError("kind must be 'dynamics', 'score' or 'property'")
     # a copy: exporting must not switch the caller's (training) model to eval/float32
     model = copy.deepcopy(model).cpu().float().eval()
     try:
@@ -178,7 +181,7 @@ def script_checked(model: nn.Module, kind: str) -> tuple[nn.Module, torch.jit.Sc
 
 
 def _attribute_names(kind: str) -> list[str]:
-    return list(DYNAMICS_ATTRIBUTES) if kind == "dynamics" else list(SCORE_ATTRIBUTES) + ["sigmas"]
+    return list(_ATTRIBUTES[kind]) + (["sigmas"] if kind == "score" else [])
 
 
 def _verification_job(model, scripted, kind, path, inputs):
@@ -230,15 +233,27 @@ def export_models(dynamics: nn.Module, score: nn.Module, directory: str | os.Pat
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = (directory / "dynamics.pt", directory / "score.pt")
-    jobs, scripted_modules = [], []
-    for model, kind, path, inputs in ((dynamics, "dynamics", paths[0], dynamics_inputs),
-                                      (score, "score", paths[1], score_inputs)):
+    export_archives([(dynamics, "dynamics", paths[0], dynamics_inputs), (score, "score", paths[1], score_inputs)],
+                    verify=verify)
+    return paths
+
+
+def export_archives(entries: Sequence[tuple], verify: bool = True) -> list[Path]:
+    """Export several modules, each (model, kind, path, inputs) with kind "dynamics",
+    "score" or "property" (``inputs`` required for "property"), and verify them all in
+    one fresh process (custom ops are refused even with verify=False)."""
+    jobs, scripted_modules, paths = [], [], []
+    for model, kind, path, inputs in entries:
+        if kind == "property" and inputs is None:
+            raise ValueError("a property module needs example inputs")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         model, scripted = script_checked(model, kind)
         scripted.save(str(path))
         jobs.append(_verification_job(model, scripted, kind, path, inputs))
         scripted_modules.append(scripted)
-    if not verify:
-        return paths
-    for scripted, job, attrs in zip(scripted_modules, jobs, verify_archives(jobs)):
-        _compare_attributes(scripted, job[0], job[3], attrs)
+        paths.append(path)
+    if verify and jobs:
+        for scripted, job, attrs in zip(scripted_modules, jobs, verify_archives(jobs)):
+            _compare_attributes(scripted, job[0], job[3], attrs)
     return paths

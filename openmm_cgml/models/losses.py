@@ -67,6 +67,18 @@ def score_loss(model, clean: Tensor, latent: Tensor, boxes: Tensor, features: Te
     return dsm_loss(score, noisy, clean, sigma)
 
 
+def property_loss(model, positions: Tensor, features: Tensor, molecule: Tensor, target: Tensor) -> Tensor:
+    """Property head loss: mean squared *relative* error of the predicted fine-level Rg^2
+    per molecule (``models.property.PropertyHead`` on CG ``positions`` [K, 3] of the
+    molecules' beads) against the true ``target`` [M] (NaN targets are left out). The
+    zero-residual baseline (predict the CG Rg^2) scores mean((Rg^2_CG / Rg^2_fine - 1)^2)."""
+    prediction = model(positions, features, molecule)
+    keep = torch.isfinite(target) & (target > 0)
+    if not bool(keep.any()):
+        return prediction.sum() * 0.0
+    return ((prediction[keep] - target[keep]) / target[keep]).square().mean()
+
+
 # ----------------------------------------------------------------------------- randomness
 def sample_generator(seed: int, step: int, system: int, start_frame: int) -> torch.Generator:
     """The generator of one training sample's random draws."""
