@@ -124,3 +124,21 @@ def test_export_refuses_custom_ops(tmp_path):
     inputs, _ = periodic_inputs(3, 16)
     with pytest.raises(ExportError, match="fresh process"):
         verify_archive(tmp_path / "raw.pt", inputs, model(*inputs), ["seq_len"])
+
+
+def test_langevin_schedule_travels_from_config_to_the_integrator(tmp_path):
+    """model.langevin_schedule becomes the score archive's attribute, which is the
+    integrator's default schedule (docs/contract.md)."""
+    from openmm_cgml.integrator import CGMLIntegrator
+    from openmm_cgml.models import export_models
+
+    for schedule in ("ncsn", "constant"):
+        cfg = ModelConfig(latent_dim=8, hidden_dim=8, rounds=1, embedding_out_dim=4, seq_len=3,
+                          langevin_schedule=schedule)
+        dynamics, score = build_dynamics_model(cfg), build_score_model(cfg)
+        assert score.langevin_schedule == schedule
+        paths = export_models(dynamics, score, tmp_path / schedule, verify=False)
+        assert torch.jit.load(str(paths[1])).langevin_schedule == schedule
+        assert CGMLIntegrator(*paths).getLangevinSchedule() == schedule
+    with pytest.raises(ValueError, match="langevin_schedule"):
+        ModelConfig(langevin_schedule="linear")

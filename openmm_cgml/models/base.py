@@ -166,6 +166,7 @@ class ScoreBase(nn.Module):
     num_features: int
     langevin_steps: int
     langevin_step_size: float
+    langevin_schedule: str
     cutoff: float
 
     def __init__(self, latent_dim: int, num_features: int, cutoff: float, sigmas: Tensor,
@@ -184,6 +185,7 @@ class ScoreBase(nn.Module):
         self.num_features = int(num_features)
         self.langevin_steps = int(langevin_steps)
         self.langevin_step_size = float(langevin_step_size)
+        self.langevin_schedule = "constant"  # or "ncsn" (the integrator's default, docs/contract.md)
         self.cutoff = float(cutoff)
         self.graph = GraphBuilder(cutoff, graph_method)
         self.register_buffer("sigmas", sigmas.clone())

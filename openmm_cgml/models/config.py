@@ -115,6 +115,7 @@ class ModelConfig:
     langevin_steps: int = 5
     langevin_step_size: float = 5e-7  # 5e-5 A^2, in nm^2
     score_sigma_input: bool = True  # the score GNN is told log sigma (the authors' is not)
+    langevin_schedule: str = "constant"  # Langevin step per level: eps, or "ncsn": eps sigma_i^2 / sigma_L^2
     # dynamics training noise: 0.1 -> 0.01 A, 10 levels
     noise_sigma_max: float = 0.1 * ANGSTROM
     noise_sigma_min: float = 0.01 * ANGSTROM
@@ -141,6 +142,8 @@ class ModelConfig:
                      "embedding_out_dim", "score_levels", "noise_levels"):
             require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), ">= 1")
         require(self.langevin_steps >= 0, "model.langevin_steps", self.langevin_steps, ">= 0")
+        require(self.langevin_schedule in ("constant", "ncsn"), "model.langevin_schedule", self.langevin_schedule,
+                "'constant' or 'ncsn'")
         for kind in ("score", "noise"):
             low, high = getattr(self, f"{kind}_sigma_min"), getattr(self, f"{kind}_sigma_max")
             require(low <= high, f"model.{kind}_sigma_min", low, f"<= {kind}_sigma_max ({high})")
@@ -203,16 +206,19 @@ def build_score_model(config: ModelConfig, num_features: int | None = None, late
     if config.backbone == "gns":
         from .gns import GNSScore
 
-        return GNSScore(
+        score = GNSScore(
             latent_dim, num_features, config.score_sigmas(), config.cutoff, config.langevin_steps,
             config.langevin_step_size, config.latent_dim, config.hidden_dim, config.hidden_layers,
             config.rounds, config.edge_type_dim, config.activation, config.graph_method,
             config.score_sigma_input,
         )
-    from .et import ETScore
+    else:
+        from .et import ETScore
 
-    return ETScore(
-        latent_dim, num_features, config.score_sigmas(), config.cutoff, config.langevin_steps,
-        config.langevin_step_size, config.latent_dim, config.rounds, config.num_heads, config.num_rbf,
-        config.edge_type_dim, config.activation, config.graph_method, config.score_sigma_input,
-    )
+        score = ETScore(
+            latent_dim, num_features, config.score_sigmas(), config.cutoff, config.langevin_steps,
+            config.langevin_step_size, config.latent_dim, config.rounds, config.num_heads, config.num_rbf,
+            config.edge_type_dim, config.activation, config.graph_method, config.score_sigma_input,
+        )
+    score.langevin_schedule = config.langevin_schedule
+    return score

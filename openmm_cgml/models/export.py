@@ -22,7 +22,7 @@ from torch import Tensor, nn
 ALLOWED_OP_NAMESPACES = frozenset({"aten", "prim"})
 
 DYNAMICS_ATTRIBUTES = {"seq_len": int, "step_size_ps": float}
-SCORE_ATTRIBUTES = {"langevin_steps": int, "langevin_step_size": float}
+SCORE_ATTRIBUTES = {"langevin_steps": int, "langevin_step_size": float, "langevin_schedule": str}
 #: the property head (``models.property``; read by LearnedSimulator, not by the integrator)
 PROPERTY_ATTRIBUTES = {"min_beads": int, "num_features": int}
 _ATTRIBUTES = {"dynamics": DYNAMICS_ATTRIBUTES, "score": SCORE_ATTRIBUTES, "property": PROPERTY_ATTRIBUTES}
