@@ -97,7 +97,8 @@ Checkpoint format (``torch.save`` dict; only tensors and plain types, so it load
     model_config (dict), atom_vocabulary, bond_vocabulary, bond_type_of_pair (dict
     "A|B" -> bond type), mapping_options (dict), record_interval_ps, step_size_ps,
     kind, periodic, embedding / dynamics / score (state dicts; score None if not
-    trained), property (state dict or None), property_config, property_baselines, optimizer, scheduler (state dicts), rng {torch, numpy, python},
+    trained), property (state dict or None), property_config, property_baselines,
+    optimizer, scheduler (state dicts), rng {torch, numpy, python},
     metrics (last logged row), versions.
 
 Data-parallel: ``torchrun --nproc_per_node 2 -m openmm_cgml.cli train CONFIG`` (gloo on
