@@ -36,7 +36,7 @@ pass a preset name such as ``chain-demo`` instead of a path)::
                                      # bottom times the per-step spread (std) of the
                                      # acceleration in the training data; null: the
                                      # model's score_sigma_max/min as given
-    rollout: {enabled: true, steps: 100, starts: 4, systems: 4, score: false}
+    rollout: {enabled: true, steps: 200, starts: 4, systems: 4, score: false}
                                      # rollout validation at each validation (see
                                      # openmm_cgml.validation): `starts` reference windows
                                      # of up to `systems` validation systems, `steps`
@@ -272,7 +272,7 @@ _OPTIMIZER_KEYS = {"name": "str", "lr": "float", "weight_decay": "float", "betas
 _SCHEDULE_KEYS = {"name": "str", "warmup_steps": "int", "min_lr_fraction": "float", "gamma": "float",
                   "decay_steps": "float"}
 _ROLLOUT_KEYS = {"enabled": "bool", "steps": "int", "starts": "int", "systems": "int", "score": "bool"}
-_ROLLOUT_DEFAULTS = {"enabled": True, "steps": 100, "starts": 4, "systems": 4, "score": False}
+_ROLLOUT_DEFAULTS = {"enabled": True, "steps": 200, "starts": 4, "systems": 4, "score": False}
 
 
 def resolve_config_path(name: str | os.PathLike) -> Path:

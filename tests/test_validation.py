@@ -33,8 +33,11 @@ def test_reference_as_rollout_scores_zero(validator):
     assert metrics["rollout_rg2_bias"] == pytest.approx(0.0, abs=1e-9)
     assert metrics["reference_collisions"] > 0  # 1 % quantile threshold: a few close pairs
     assert metrics["rollout_collisions"] == pytest.approx(metrics["reference_collisions"])
-    assert metrics["rollout_score"] == pytest.approx(0.0, abs=1e-9)
-    assert metrics["rollout_relaxation_error"] == pytest.approx(0.0, abs=1e-9)
+    # the reference segments that follow each start, as rollouts: same relaxation
+    (system,) = validator.systems
+    segments = [[x[first:] for first in system.start_frames] for x in reference_frames(val_set)]
+    assert validator.compare(segments)["rollout_relaxation_error"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["rollout_score"] == pytest.approx(abs(metrics["rollout_relaxation_error"]), abs=1e-9)
 
 
 def test_shrunken_chains_show_negative_bias_and_collisions(validator):
@@ -46,7 +49,10 @@ def test_shrunken_chains_show_negative_bias_and_collisions(validator):
     metrics = validator.compare(shrunk)
     assert metrics["rollout_rg2_bias"] == pytest.approx(0.7 ** 2 - 1, rel=1e-6)  # Rg^2 scales as s^2
     assert metrics["rollout_collisions"] > 3 * metrics["reference_collisions"]
-    assert metrics["rollout_score"] > 0.51
+    unscaled = validator.compare([[x] for x in reference_frames(val_set)])
+    # scaling leaves the normalised ACF alone: the score grows by exactly the bias
+    assert metrics["rollout_relaxation_error"] == pytest.approx(unscaled["rollout_relaxation_error"], abs=1e-9)
+    assert metrics["rollout_score"] == pytest.approx(0.51 + unscaled["rollout_score"], rel=1e-6)
     assert validator.compare(shrunk, failures=1)["rollout_score"] == float("inf")
 
 
