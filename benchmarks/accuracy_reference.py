@@ -9,10 +9,11 @@ relaxation times). That MD takes about an hour on one core, so it is run once by
 
 and only its summary is committed: ``benchmarks/accuracy_reference.json`` (per chain:
 sequence, seed, length, MD settings, fine-level and CG-level <Rg^2>, its blocking
-error, std, relaxation time, histogram) and ``benchmarks/accuracy_reference.npz`` (the
-Rg^2 series at every recorded frame, fine and CG for each candidate cg_level, float32),
-so that short-MD baselines of any length and new observables can be computed without
-rerunning MD. Chains: 3 x 40 and 3 x 60 monomers, class II, 50,000 tau each after
+error, std, relaxation time, histogram, and per cg_level the collision threshold and
+rate) and ``benchmarks/accuracy_reference.npz`` (the Rg^2 series at every recorded
+frame, fine and CG for each candidate cg_level, and the first ``START_FRAMES`` fine
+frames that rollouts start from; float32), so that short-MD baselines of any length
+and new observables can be computed without rerunning MD. Chains: 3 x 40 and 3 x 60 monomers, class II, 50,000 tau each after
 2,000 tau of equilibration, one frame every 5 tau (the two sets can run in parallel:
 ``generate --set len40`` and ``generate --set len60``).
 """
@@ -34,6 +35,7 @@ N_CHAINS = 3
 N_FRAMES = 10_000            # x 5 tau = 50,000 tau
 EQUILIBRATION_TAU = 2_000.0
 CG_LEVELS = (5, 10, 20)      # candidate atoms per bead, summarised side by side
+START_FRAMES = 40            # fine frames stored for rollout starts (>= any seq_len used)
 
 
 def generate(data: Path, threads: int, progress: bool, only: str | None = None) -> None:
@@ -83,6 +85,8 @@ def summarize(data: Path) -> None:
                      "duration_ps": float(record.record_interval_ps * (x.shape[0] - 1))}
             fine = analysis.radius_of_gyration_squared(x, masses)
             series[f"{key}/fine"] = fine.astype(np.float32)
+            series[f"{key}/start_positions"] = record.positions[:START_FRAMES].astype(np.float32)
+            entry["masses_amu"] = masses.tolist()
             entry["fine"] = _series_summary(fine, record.record_interval_ps)
             entry["cg"] = {}
             for level in CG_LEVELS:
@@ -90,8 +94,13 @@ def summarize(data: Path) -> None:
                 cg = mapping.map_positions(record.positions).astype(np.float64)
                 rg2 = analysis.radius_of_gyration_squared(cg, np.asarray(mapping.bead_masses, dtype=np.float64))
                 series[f"{key}/cg{level}"] = rg2.astype(np.float32)
-                entry["cg"][str(level)] = {"n_beads": int(mapping.n_beads),
-                                           **_series_summary(rg2, record.record_interval_ps)}
+                bonds = np.asarray(mapping.cg_bonds, dtype=np.int64).reshape(-1, 2)
+                threshold = analysis.collision_threshold(cg, bonds=bonds)
+                frames = np.linspace(0, len(cg) - 1, 2000).astype(int)
+                entry["cg"][str(level)] = {
+                    "n_beads": int(mapping.n_beads), "collision_threshold_nm": threshold,
+                    "collisions_per_bead": float(analysis.collision_rate(cg[frames], threshold, bonds=bonds).mean()),
+                    **_series_summary(rg2, record.record_interval_ps)}
             chains.append(entry)
             print(f"{key}: {monomers} monomers, {entry['duration_ps']:.0f} tau, fine <Rg^2> "
                   f"{entry['fine']['mean']:.3f} +- {entry['fine']['mean_error']:.3f} nm^2, relaxation "

@@ -149,3 +149,41 @@ def test_fine_rg2_round_trip_matches_the_eager_head(exported, test_record):
     # not vacuous: the trained head adds a residual to the CG Rg^2
     cg_rg2 = radius_of_gyration_squared(frames, cg.mapping.bead_masses)
     assert np.min(np.abs(predicted[:, 0] - cg_rg2)) > 1e-3
+
+
+def test_user_pdb_and_dcd_of_an_unseen_chain(exported, tmp_path):
+    """The path a user takes with a chain of their own: a PDB with bonds (CONECT) and a
+    short DCD, of another length (12 monomers; training had 8) and another sequence
+    class (blocky), read back with OpenMM and mdtraj, coarse-grained and simulated."""
+    import mdtraj
+
+    from openmm_cgml.systems import chain
+
+    spec = chain.make_specs("tiny", 11, n_train=0, n_test=1, n_monomers=12)[0]
+    assert spec.composition["sequence_class"] == "II"
+    built = chain.build(spec)
+    simulation = app.Simulation(built.topology, built.system, built.make_integrator(),
+                                openmm.Platform.getPlatformByName("Reference"))
+    simulation.context.setPositions(built.positions)
+    simulation.minimizeEnergy(maxIterations=200)
+    pdb, dcd = tmp_path / "mine.pdb", tmp_path / "mine.dcd"
+    with open(pdb, "w") as handle:
+        app.PDBFile.writeFile(built.topology, simulation.context.getState(getPositions=True).getPositions(), handle)
+    simulation.reporters.append(app.DCDReporter(str(dcd), 500))
+    simulation.step(500 * 6)  # 6 frames, 5 tau apart (= the model's step)
+
+    user_pdb = app.PDBFile(str(pdb))
+    assert user_pdb.topology.getNumBonds() == built.topology.getNumBonds()
+    trajectory = mdtraj.load(str(dcd), top=str(pdb))
+    masses = [built.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(built.system.getNumParticles())]
+    sim = openmm_cgml.LearnedSimulator.load(exported)
+    cg = sim.coarseGrain(user_pdb.topology, trajectory.xyz[-1], masses=masses)
+    assert cg.n_beads == 6  # 24 atoms at 4 atoms per bead
+    integrator = sim.createIntegrator(cg, seed=4)
+    cg_simulation = app.Simulation(cg.topology, cg.system, integrator)
+    integrator.setHistory(cg.mapTrajectory(trajectory))
+    cg_simulation.step(30)
+    x = positions_nm(cg_simulation)
+    assert np.isfinite(x).all() and cg_simulation.currentStep == 30
+    history = integrator.getHistory().value_in_unit(unit.nanometer)
+    assert history.shape == (sim.seqLen, 6, 3) and np.allclose(history[-1], x)

@@ -1,0 +1,191 @@
+"""Chain accuracy benchmark: learned rollouts on held-out chains against long MD.
+
+Reads the committed reference summary (``benchmarks/accuracy_reference.{json,npz}``,
+made by ``accuracy_reference.py``: class-II chains of 40 and 60 monomers, 50,000 tau
+of MD each), rolls each chain out with a model (``cgml export`` directory) from the
+reference's first frames, for ``--seeds`` rollout seeds, with and without score
+refinement, and prints side by side with MD as long as the training data ("short
+MD", the first ``--train-tau`` of each reference):
+
+- <Rg^2> relative error (CG level, the model's cg_level) and, with a property head,
+  the fine-level <Rg^2> relative error;
+- Rg^2 relaxation time relative error (ACF integral; rollout and reference series of
+  the same length, so the estimator's bias cancels);
+- Jensen-Shannon distance of the Rg^2 distribution (the reference's histogram bins);
+- collisions per bead (the reference's 1 % nearest-non-bonded quantile) against the
+  reference's own rate;
+- failures (a rollout that stopped: NaN, ...).
+
+    python benchmarks/accuracy.py --model runs/demo/model [--steps 20000] [--seeds 3]
+
+Targets (issue 9): mean |<Rg^2> error| <= 5 % and below short MD's, no systematic
+sign; relaxation within 25 %; collisions <= 2x the reference's; stable over 10^5 steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from accuracy_reference import SERIES_NPZ, SUMMARY_JSON  # noqa: E402
+
+
+def _tau(series: np.ndarray, dt: float) -> float:
+    from openmm_cgml import analysis
+
+    return float(analysis.relaxation_time(analysis.autocorrelation(series, max_lag=min(len(series) // 4, 2000)),
+                                          dt).tau_integral)
+
+
+def _js(values: np.ndarray, histogram: dict) -> float:
+    edges, counts = np.asarray(histogram["edges"]), np.asarray(histogram["counts"], dtype=float)
+    mine, _ = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)
+    p, q = counts / counts.sum(), mine / max(mine.sum(), 1)
+    m = 0.5 * (p + q)
+    kl = lambda a, b: float(np.sum(a[a > 0] * np.log2(a[a > 0] / b[a > 0])))  # noqa: E731
+    return float(np.sqrt(0.5 * kl(p, m) + 0.5 * kl(q, m)))
+
+
+def chain_spec(entry: dict):
+    """The reference chain's spec, rebuilt exactly as accuracy_reference.py made it."""
+    from accuracy_reference import EQUILIBRATION_TAU, N_CHAINS, N_FRAMES
+
+    from openmm_cgml.systems import chain
+
+    specs = chain.make_specs("full", entry["set_seed"], n_train=0, n_test=N_CHAINS, n_monomers=entry["monomers"],
+                             n_frames_test=N_FRAMES, equilibration_tau=EQUILIBRATION_TAU)
+    (spec,) = [s for s in specs if s.name == entry["key"].split("/")[1]]
+    if spec.composition["sequence"] != entry["sequence"]:
+        raise RuntimeError(f"{entry['key']}: the rebuilt spec's sequence differs from the summary's")
+    return spec
+
+
+def rollout(learned, entry: dict, starts: np.ndarray, steps: int, seed: int, score: bool) -> dict:
+    import openmm
+    from openmm import app, unit
+
+    from openmm_cgml import analysis
+    from openmm_cgml.systems import chain
+
+    built = chain.build(chain_spec(entry))
+    cg = learned.coarseGrain(built.topology, starts[-1], masses=np.asarray(entry["masses_amu"]))
+    integrator = learned.createIntegrator(cg, score=score, seed=seed)
+    simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName("CPU"))
+    frames = np.asarray(cg.mapTrajectory(starts).value_in_unit(unit.nanometer))[-integrator.getSequenceLength():]
+    integrator.setHistory(frames)
+    positions = np.empty((steps + 1, cg.n_beads, 3))
+    positions[0] = frames[-1]
+    start, done, failure = time.perf_counter(), 0, None
+    for k in range(1, steps + 1):
+        try:
+            simulation.step(1)
+        except openmm.OpenMMException as error:
+            failure = str(error).splitlines()[0]
+            break
+        positions[k] = simulation.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(
+            unit.nanometer)
+        done = k
+    positions = positions[:done + 1]
+    masses = np.asarray(cg.mapping.bead_masses, dtype=np.float64)
+    out = {"steps": done, "failure": failure, "seconds": time.perf_counter() - start,
+           "rg2": analysis.radius_of_gyration_squared(positions, masses), "positions": positions,
+           "bonds": np.asarray(cg.bonds)}
+    if learned.property_model is not None:  # the fine-level Rg^2 the head predicts (one chain)
+        out["fine_rg2"] = np.asarray(learned.fineRg2(cg, positions)).reshape(len(positions), -1).mean(axis=1)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="an exported model directory")
+    parser.add_argument("--steps", type=int, default=20_000, help="learned steps per rollout (default 20,000)")
+    parser.add_argument("--score-steps", type=int, default=2_000,
+                        help="steps per rollout with refinement (slower; default 2,000)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--train-tau", type=float, default=1_500.0,
+                        help="training trajectory length, for the short-MD baseline (default 1,500 tau)")
+    parser.add_argument("--json", type=Path, help="write all numbers here")
+    args = parser.parse_args(argv)
+
+    from openmm_cgml import analysis
+    from openmm_cgml.simulator import LearnedSimulator
+
+    if not SUMMARY_JSON.is_file():
+        sys.exit(f"no {SUMMARY_JSON}: run accuracy_reference.py generate and summarize first")
+    summary = json.loads(SUMMARY_JSON.read_text())
+    series = np.load(SERIES_NPZ)
+    learned = LearnedSimulator.load(args.model)
+    level = learned.manifest["cg"]["cg_level"]
+    if str(int(level)) not in summary["chains"][0]["cg"] or int(level) != level:
+        sys.exit(f"the model's cg_level {level} is not summarised (have {summary['cg_levels']})")
+    level = str(int(level))
+    dt = float(learned.manifest["step_size_ps"])
+    variants = [("learned", True, args.score_steps), ("learned (no score)", False, args.steps)] \
+        if learned.manifest["files"].get("score") else [("learned (no score)", False, args.steps)]
+    rows = []
+    for entry in summary["chains"]:
+        ref = entry["cg"][level]
+        ref_series = series[f"{entry['key']}/cg{level}"].astype(np.float64)
+        record_dt = entry["record_interval_ps"]
+        stride = max(1, int(round(dt / record_dt)))
+        short = ref_series[: int(args.train_tau / record_dt) + 1]
+        row = {"chain": entry["key"], "monomers": entry["monomers"], "reference_rg2": ref["mean"],
+               "reference_rg2_error": ref["mean_error"], "reference_relaxation_ps": ref["relaxation_ps"],
+               "reference_collisions": ref["collisions_per_bead"],
+               "short MD": {"rg2_error": short.mean() / ref["mean"] - 1,
+                            "relaxation_error": _tau(short, record_dt) / _tau(ref_series[:len(short)], record_dt) - 1,
+                            "js": _js(short, ref["histogram"])}}
+        starts = series[f"{entry['key']}/start_positions"].astype(np.float64)[::stride]
+        for label, score, steps in variants:
+            runs = [rollout(learned, entry, starts, steps, seed, score) for seed in range(1, args.seeds + 1)]
+            per_seed = []
+            for run in runs:
+                rg2 = run["rg2"]
+                n = min(len(rg2), len(ref_series[::stride]))
+                relax = _tau(rg2[:n], dt) / _tau(ref_series[::stride][:n], dt) - 1 if n > 8 else float("nan")
+                collisions = analysis.collision_rate(run["positions"][::max(1, len(rg2) // 2000)],
+                                                     ref["collision_threshold_nm"], bonds=run["bonds"]).mean()
+                result = {"rg2_error": rg2.mean() / ref["mean"] - 1, "relaxation_error": relax,
+                          "js": _js(rg2, ref["histogram"]), "collisions": float(collisions),
+                          "steps": run["steps"], "failure": run["failure"],
+                          "steps_per_second": run["steps"] / max(run["seconds"], 1e-9)}
+                if "fine_rg2" in run:
+                    result["fine_rg2_error"] = run["fine_rg2"].mean() / entry["fine"]["mean"] - 1
+                per_seed.append(result)
+            row[label] = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0]
+                          if isinstance(per_seed[0][k], (int, float))}
+            row[label]["seed_spread_rg2_error"] = float(np.std([r["rg2_error"] for r in per_seed]))
+            row[label]["failures"] = sum(r["failure"] is not None for r in per_seed)
+        rows.append(row)
+        print(f"{entry['key']}: done", flush=True)
+
+    labels = ["short MD"] + [label for label, _, _ in variants]
+    print("\n| method | mean abs <Rg2> error | mean signed | fine <Rg2> error | relaxation error | JS | "
+          "collisions / reference | failures | seed spread of <Rg2> error |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+    def mean_of(label, key, absolute=False):
+        values = [r[label][key] for r in rows if key in r[label] and np.isfinite(r[label][key])]
+        values = np.abs(values) if absolute else values
+        return float(np.mean(values)) if len(values) else float("nan")
+
+    for label in labels:
+        collisions = [r[label]["collisions"] / r["reference_collisions"] for r in rows if "collisions" in r[label]]
+        print(f"| {label} | {mean_of(label, 'rg2_error', True):.1%} | {mean_of(label, 'rg2_error'):+.1%} | "
+              f"{mean_of(label, 'fine_rg2_error', True):.1%} | {mean_of(label, 'relaxation_error', True):.0%} | "
+              f"{mean_of(label, 'js'):.3f} | {(f'{np.mean(collisions):.1f}x' if collisions else '-')} | "
+              f"{sum(r[label].get('failures', 0) for r in rows)} | "
+              f"{mean_of(label, 'seed_spread_rg2_error'):.1%} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
