@@ -43,6 +43,14 @@ def _tau(series: np.ndarray, dt: float) -> float:
                                           dt).tau_integral)
 
 
+def _reference_tau(series: np.ndarray, length: int, dt: float) -> float:
+    """Mean relaxation time of up to 20 non-overlapping reference segments of ``length``
+    frames: the same estimator on the same length as the series it is compared with."""
+    starts = range(0, len(series) - length + 1, length)
+    taus = [_tau(series[s:s + length], dt) for s in list(starts)[:20]]
+    return float(np.mean(taus))
+
+
 def _js(values: np.ndarray, histogram: dict) -> float:
     edges, counts = np.asarray(histogram["edges"]), np.asarray(histogram["counts"], dtype=float)
     mine, _ = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)
@@ -134,12 +142,16 @@ def main(argv=None) -> int:
         ref_series = series[f"{entry['key']}/cg{level}"].astype(np.float64)
         record_dt = entry["record_interval_ps"]
         stride = max(1, int(round(dt / record_dt)))
-        short = ref_series[: int(args.train_tau / record_dt) + 1]
+        n_short = int(args.train_tau / record_dt) + 1
+        short = ref_series[:n_short]
+        short_fine = series[f"{entry['key']}/fine"][:n_short].astype(np.float64)
         row = {"chain": entry["key"], "monomers": entry["monomers"], "reference_rg2": ref["mean"],
                "reference_rg2_error": ref["mean_error"], "reference_relaxation_ps": ref["relaxation_ps"],
                "reference_collisions": ref["collisions_per_bead"],
                "short MD": {"rg2_error": short.mean() / ref["mean"] - 1,
-                            "relaxation_error": _tau(short, record_dt) / _tau(ref_series[:len(short)], record_dt) - 1,
+                            "fine_rg2_error": short_fine.mean() / entry["fine"]["mean"] - 1,
+                            "relaxation_error": _tau(short, record_dt) / _reference_tau(ref_series, n_short, record_dt)
+                            - 1,
                             "js": _js(short, ref["histogram"])}}
         starts = series[f"{entry['key']}/start_positions"].astype(np.float64)[::stride]
         for label, score, steps in variants:
@@ -148,7 +160,7 @@ def main(argv=None) -> int:
             for run in runs:
                 rg2 = run["rg2"]
                 n = min(len(rg2), len(ref_series[::stride]))
-                relax = _tau(rg2[:n], dt) / _tau(ref_series[::stride][:n], dt) - 1 if n > 8 else float("nan")
+                relax = _tau(rg2[:n], dt) / _reference_tau(ref_series[::stride], n, dt) - 1 if n > 8 else float("nan")
                 collisions = analysis.collision_rate(run["positions"][::max(1, len(rg2) // 2000)],
                                                      ref["collision_threshold_nm"], bonds=run["bonds"]).mean()
                 result = {"rg2_error": rg2.mean() / ref["mean"] - 1, "relaxation_error": relax,
