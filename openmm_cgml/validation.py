@@ -71,7 +71,6 @@ class RolloutValidator:
         if n_steps < 2 or n_starts < 1 or max_systems < 1:
             raise ValueError("need n_steps >= 2, n_starts >= 1, max_systems >= 1")
         self.n_steps, self.seed, self.score = int(n_steps), int(seed), bool(score)
-        self.step_ps = None
         self.systems: list[_System] = []
         seq_len = dataset.seq_len
         for trajectory, graph in list(zip(dataset.trajectories, dataset.systems))[:max_systems]:
@@ -96,7 +95,6 @@ class RolloutValidator:
                 reference_collisions=float(analysis.collision_rate(frames, threshold, box, graph.cg_bonds).mean()),
                 graph={k: torch.from_numpy(np.asarray(getattr(graph, k))) for k in
                        ("atom_type", "atom_masses", "fine_bonds", "bond_type", "bead_of_atom")}))
-            self.step_ps = float(graph.step_ps)
 
     @staticmethod
     def _rg2(positions, masses, groups) -> np.ndarray:
