@@ -23,22 +23,14 @@ torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- helpers
+from test_generate import _Killed, _kill_after  # noqa: E402  (the interrupted-generation helpers)
+
+
 def _dimers(seed=3):
     from test_generate import _periodic_dimers
 
     built = _periodic_dimers()
     return replace(built, spec=replace(built.spec, seed=seed))
-
-
-class _Killed(Exception):
-    pass
-
-
-def _kill_after(n):
-    def hook(chunks_done):
-        if chunks_done == n:
-            raise _Killed
-    return hook
 
 
 def _copy_model(exported, tmp_path) -> Path:
