@@ -75,7 +75,7 @@ setup(
     version="0.1.0",
     description="Learned time-integrated coarse-grained MD (Fu et al., TMLR 2023) as an OpenMM integrator plugin",
     packages=find_packages(include=["openmm_cgml", "openmm_cgml.*"]),
-    package_data={"openmm_cgml": ["systems/data/*", "configs/*.yaml", "*.so"]},
+    package_data={"openmm_cgml": ["systems/data/*", "configs/*.yaml", "*.so", "pretrained/*/*"]},
     ext_modules=[CMakeExtension("openmm_cgml._cgml")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",

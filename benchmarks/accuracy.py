@@ -74,7 +74,8 @@ def chain_spec(entry: dict):
     return spec
 
 
-def rollout(learned, entry: dict, starts: np.ndarray, steps: int, seed: int, score: bool) -> dict:
+def rollout(learned, entry: dict, starts: np.ndarray, steps: int, seed: int, score: bool,
+            exclusion: float | None = None) -> dict:
     import openmm
     from openmm import app, unit
 
@@ -83,7 +84,7 @@ def rollout(learned, entry: dict, starts: np.ndarray, steps: int, seed: int, sco
 
     built = chain.build(chain_spec(entry))
     cg = learned.coarseGrain(built.topology, starts[-1], masses=np.asarray(entry["masses_amu"]))
-    integrator = learned.createIntegrator(cg, score=score, seed=seed)
+    integrator = learned.createIntegrator(cg, score=score, seed=seed, exclusionDistance=exclusion)
     simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName("CPU"))
     frames = np.asarray(cg.mapTrajectory(starts).value_in_unit(unit.nanometer))[-integrator.getSequenceLength():]
     integrator.setHistory(frames)
@@ -102,6 +103,7 @@ def rollout(learned, entry: dict, starts: np.ndarray, steps: int, seed: int, sco
     positions = positions[:done + 1]
     masses = np.asarray(cg.mapping.bead_masses, dtype=np.float64)
     out = {"steps": done, "failure": failure, "seconds": time.perf_counter() - start,
+           "corrections_per_bead_step": integrator.getExclusionCorrections() / max(done * cg.n_beads, 1),
            "rg2": analysis.radius_of_gyration_squared(positions, masses), "positions": positions,
            "bonds": np.asarray(cg.bonds)}
     if learned.property_model is not None:  # the fine-level Rg^2 the head predicts (one chain)
@@ -116,8 +118,10 @@ def main(argv=None) -> int:
     parser.add_argument("--score-steps", type=int, default=2_000,
                         help="steps per rollout with refinement (slower; default 2,000)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--train-tau", type=float, default=1_500.0,
-                        help="training trajectory length, for the short-MD baseline (default 1,500 tau)")
+    parser.add_argument("--train-tau", type=float, nargs="+", default=[1_500.0],
+                        help="training trajectory length(s), one short-MD baseline each (default 1,500 tau)")
+    parser.add_argument("--sl-data", type=Path,
+                        help="a data set (e.g. the model's training data) to fit the SL GNN baseline on")
     parser.add_argument("--json", type=Path, help="write all numbers here")
     args = parser.parse_args(argv)
 
@@ -134,28 +138,45 @@ def main(argv=None) -> int:
         sys.exit(f"the model's cg_level {level} is not summarised (have {summary['cg_levels']})")
     level = str(int(level))
     dt = float(learned.manifest["step_size_ps"])
-    variants = [("learned", True, args.score_steps), ("learned (no score)", False, args.steps)] \
-        if learned.manifest["files"].get("score") else [("learned (no score)", False, args.steps)]
+    # (label, score refinement, steps, exclusion distance override: None = the model's)
+    variants = [("learned", True, args.score_steps, None)] if learned.manifest["files"].get("score") else []
+    variants.append(("learned (no score)", False, args.steps, None))
+    if learned.manifest.get("exclusion_distance_nm", 0.0) > 0:
+        variants.append(("learned (no score, no exclusion)", False, args.steps, 0.0))
+    short_labels = [f"short MD ({tau:,.0f} tau)" for tau in args.train_tau]
+    sl = None
+    if args.sl_data is not None:
+        from openmm_cgml.evaluate import fit_sl_baseline
+
+        sl = fit_sl_baseline(learned, args.sl_data)
     rows = []
     for entry in summary["chains"]:
         ref = entry["cg"][level]
         ref_series = series[f"{entry['key']}/cg{level}"].astype(np.float64)
         record_dt = entry["record_interval_ps"]
         stride = max(1, int(round(dt / record_dt)))
-        n_short = int(args.train_tau / record_dt) + 1
-        short = ref_series[:n_short]
-        short_fine = series[f"{entry['key']}/fine"][:n_short].astype(np.float64)
         row = {"chain": entry["key"], "monomers": entry["monomers"], "reference_rg2": ref["mean"],
                "reference_rg2_error": ref["mean_error"], "reference_relaxation_ps": ref["relaxation_ps"],
-               "reference_collisions": ref["collisions_per_bead"],
-               "short MD": {"rg2_error": short.mean() / ref["mean"] - 1,
-                            "fine_rg2_error": short_fine.mean() / entry["fine"]["mean"] - 1,
-                            "relaxation_error": _tau(short, record_dt) / _reference_tau(ref_series, n_short, record_dt)
-                            - 1,
-                            "js": _js(short, ref["histogram"])}}
-        starts = series[f"{entry['key']}/start_positions"].astype(np.float64)[::stride]
-        for label, score, steps in variants:
-            runs = [rollout(learned, entry, starts, steps, seed, score) for seed in range(1, args.seeds + 1)]
+               "reference_collisions": ref["collisions_per_bead"]}
+        for label, train_tau in zip(short_labels, args.train_tau):
+            n_short = int(train_tau / record_dt) + 1
+            short = ref_series[:n_short]
+            short_fine = series[f"{entry['key']}/fine"][:n_short].astype(np.float64)
+            row[label] = {"rg2_error": short.mean() / ref["mean"] - 1,
+                          "fine_rg2_error": short_fine.mean() / entry["fine"]["mean"] - 1,
+                          "relaxation_error": _tau(short, record_dt) / _reference_tau(ref_series, n_short, record_dt)
+                          - 1,
+                          "js": _js(short, ref["histogram"])}
+        starts = series[f"{entry['key']}/start_positions"].astype(np.float64)  # mapTrajectory picks every dilation-th
+        if sl is not None:
+            from openmm_cgml.baselines import FineGraph
+            from openmm_cgml.systems import chain
+
+            cg = learned.coarseGrain(chain.build(chain_spec(entry)).topology, starts[-1], masses=np.asarray(entry["masses_amu"]))
+            graph = FineGraph.from_mapping(cg.mapping)
+            row["SL GNN"] = {"rg2_error": sl.predict(graph) / ref["mean"] - 1}
+        for label, score, steps, exclusion in variants:
+            runs = [rollout(learned, entry, starts, steps, seed, score, exclusion) for seed in range(1, args.seeds + 1)]
             per_seed = []
             for run in runs:
                 rg2 = run["rg2"]
@@ -166,6 +187,10 @@ def main(argv=None) -> int:
                 result = {"rg2_error": rg2.mean() / ref["mean"] - 1, "relaxation_error": relax,
                           "js": _js(rg2, ref["histogram"]), "collisions": float(collisions),
                           "steps": run["steps"], "failure": run["failure"],
+                          "corrections_per_bead_step": run["corrections_per_bead_step"],
+                          "min_distance_nm": float(np.nanmin(analysis.nearest_nonbonded_distances(
+                              run["positions"], bonds=run["bonds"],
+                              frames=np.arange(0, len(rg2), max(1, len(rg2) // 2000))))),
                           "steps_per_second": run["steps"] / max(run["seconds"], 1e-9)}
                 if "fine_rg2" in run:
                     result["fine_rg2_error"] = run["fine_rg2"].mean() / entry["fine"]["mean"] - 1
@@ -177,10 +202,10 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{entry['key']}: done", flush=True)
 
-    labels = ["short MD"] + [label for label, _, _ in variants]
+    labels = short_labels + (["SL GNN"] if sl is not None else []) + [label for label, _, _, _ in variants]
     print("\n| method | mean abs <Rg2> error | mean signed | fine <Rg2> error | relaxation error | JS | "
-          "collisions / reference | failures | seed spread of <Rg2> error |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "collisions / reference | closest approach (nm) | failures | seed spread of <Rg2> error |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
     def mean_of(label, key, absolute=False):
         values = [r[label][key] for r in rows if key in r[label] and np.isfinite(r[label][key])]
@@ -189,9 +214,11 @@ def main(argv=None) -> int:
 
     for label in labels:
         collisions = [r[label]["collisions"] / r["reference_collisions"] for r in rows if "collisions" in r[label]]
+        closest = min((r[label]["min_distance_nm"] for r in rows if "min_distance_nm" in r[label]), default=np.nan)
         print(f"| {label} | {mean_of(label, 'rg2_error', True):.1%} | {mean_of(label, 'rg2_error'):+.1%} | "
               f"{mean_of(label, 'fine_rg2_error', True):.1%} | {mean_of(label, 'relaxation_error', True):.0%} | "
               f"{mean_of(label, 'js'):.3f} | {(f'{np.mean(collisions):.1f}x' if collisions else '-')} | "
+              f"{(f'{closest:.2f}' if collisions else '-')} | "
               f"{sum(r[label].get('failures', 0) for r in rows)} | "
               f"{mean_of(label, 'seed_spread_rg2_error'):.1%} |")
     if args.json:

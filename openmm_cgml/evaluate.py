@@ -484,7 +484,7 @@ def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.
         raise ValueError(f"no held-out (split='test') trajectories in {data_dir}")
     models = {label: load_model(path) for label, path in model_dirs.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    sl = _fit_sl_baseline(next(iter(models.values())), data_dir) if sl_baseline else None
+    sl = fit_sl_baseline(next(iter(models.values())), data_dir) if sl_baseline else None
     all_metrics = []
     for directory in tqdm(tests, desc="held-out systems", disable=not progress):
         record = load_trajectory(directory)
@@ -539,7 +539,7 @@ def load_model(path: str | os.PathLike):
         raise ValueError(f"{path}: cannot load the exported model: {first}") from error
 
 
-def _fit_sl_baseline(learned, data_dir: Path):
+def fit_sl_baseline(learned, data_dir: Path):
     """Fit the SL GNN on the training systems' mean CG Rg^2 (systems with molecules to measure)."""
     from openmm_cgml.baselines import FineGraph, SupervisedBaseline
 

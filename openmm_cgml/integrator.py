@@ -220,6 +220,23 @@ class CGMLIntegrator(openmm.Integrator):
         schedule and step size (empty without a score model)."""
         return np.asarray(self._impl.getLangevinStepSizes(), dtype=np.float64)
 
+    def setExclusionDistance(self, distance) -> None:
+        """Excluded volume: after each step (and its refinement), beads that are not
+        CG-bonded and closer than ``distance`` (nm, or a length Quantity) are pushed apart
+        to exactly that distance, each pair's centre of mass fixed (so momentum is
+        conserved); pairs are resolved in turn, as SHAKE resolves constraints. 0 turns it
+        off. The default is the dynamics model's ``exclusion_distance`` attribute (which
+        ``cgml export`` sets from the training data's closest approach), else 0."""
+        self._impl.setExclusionDistance(_in_units(distance, unit.nanometer, "the exclusion distance"))
+
+    def getExclusionDistance(self) -> unit.Quantity:
+        return self._impl.getExclusionDistance() * unit.nanometer
+
+    def getExclusionCorrections(self) -> int:
+        """Bead pairs moved apart by the excluded-volume correction since the integrator
+        was created: how often the learned step alone would have overlapped beads."""
+        return self._impl.getExclusionCorrections()
+
     def setUsesPeriodicBoundaryConditions(self, periodic: bool | None) -> None:
         """Whether the models see the periodic box. None (default) follows
         ``System.usesPeriodicBoundaryConditions()``; a CG System without forces reports

@@ -41,6 +41,8 @@ from openmm_cgml.coarse_grain import CGMapping
 
 __all__ = ["LearnedSimulator", "CGSystem"]
 
+PRETRAINED_DIR = Path(__file__).with_name("pretrained")
+
 
 def _nm(value) -> np.ndarray:
     if unit.is_quantity(value):
@@ -178,6 +180,25 @@ class LearnedSimulator:
         self.atom_vocabulary: list[str] = list(manifest["atom_vocabulary"])
         self.bond_vocabulary: list[str] = list(manifest["bond_vocabulary"])
         self.bond_type_of_pair: dict[str, str] = dict(manifest.get("bond_type_of_pair", {}))
+
+    @classmethod
+    def pretrained(cls, name: str) -> "LearnedSimulator":
+        """A model shipped with the package (``openmm_cgml/pretrained/<name>``, each with
+        a ``MODEL_CARD.md`` stating its data, the command that made it and its measured
+        accuracy). Names: :meth:`available_pretrained`."""
+        names = cls.available_pretrained()
+        if name not in names:
+            raise ValueError(f"no pretrained model {name!r}; shipped: {', '.join(names) or 'none'}")
+        return cls.load(PRETRAINED_DIR / name)
+
+    @staticmethod
+    def available_pretrained() -> list[str]:
+        """Names of the pretrained models shipped with the package."""
+        from openmm_cgml.export import MANIFEST
+
+        if not PRETRAINED_DIR.is_dir():
+            return []
+        return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / MANIFEST).is_file())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "LearnedSimulator":
@@ -457,9 +478,11 @@ class LearnedSimulator:
     # -- integrator -------------------------------------------------------------------------
     def createIntegrator(self, cg: CGSystem, score: bool = True, deterministic: bool = False,
                          seed: int = 0, langevinSteps: int | None = None,
-                         langevinStepSize: float | None = None):
+                         langevinStepSize: float | None = None, exclusionDistance=None):
         """A :class:`~openmm_cgml.CGMLIntegrator` for ``cg`` (bead features, CG bonds and
-        periodicity set). ``score=False`` runs without refinement."""
+        periodicity set). ``score=False`` runs without refinement; ``exclusionDistance``
+        (nm or a length Quantity; 0 turns it off) overrides the model's excluded volume
+        (its ``exclusion_distance_nm``, from the training data)."""
         from openmm_cgml.integrator import CGMLIntegrator
 
         if bool(cg.periodic) != self.periodic or (cg.periodic and (cg.box is None or not np.any(cg.box))):
@@ -477,6 +500,8 @@ class LearnedSimulator:
             integrator.setLangevinSteps(langevinSteps)
         if langevinStepSize is not None:
             integrator.setLangevinStepSize(langevinStepSize)
+        if exclusionDistance is not None:
+            integrator.setExclusionDistance(exclusionDistance)
         return integrator
 
     def __repr__(self):
@@ -484,4 +509,5 @@ class LearnedSimulator:
         return (f"<LearnedSimulator {self.directory} backbone={m.get('backbone')} seq_len={m['seq_len']} "
                 f"step={m['step_size_ps']} ps cg_level={m['cg']['cg_level']} "
                 f"score={'yes' if m['files'].get('score') else 'no'} "
+                f"exclusion={m.get('exclusion_distance_nm', 0.0):.3g} nm "
                 f"property={'yes' if m['files'].get('property') else 'no'}>")

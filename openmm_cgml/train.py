@@ -36,6 +36,11 @@ pass a preset name such as ``chain-demo`` instead of a path)::
                                      # bottom times the per-step spread (std) of the
                                      # acceleration in the training data; null: the
                                      # model's score_sigma_max/min as given
+    exclusion_quantile: 1.0e-3       # excluded volume: the exported dynamics model's
+                                     # exclusion_distance (the integrator pushes non-bonded
+                                     # beads apart to it after each step) is this quantile
+                                     # of the training data's nearest-non-bonded-bead
+                                     # distances; null: no excluded volume
     rollout: {enabled: true, steps: 200, starts: 4, systems: 4, score: false}
                                      # rollout validation at each validation (see
                                      # openmm_cgml.validation): `starts` reference windows
@@ -172,6 +177,7 @@ class TrainConfig:
     augment_rotations: bool | None = None
     rollout: dict = field(default_factory=dict)
     score_ladder_from_data: list | None = None
+    exclusion_quantile: float | None = 1.0e-3
     train_max_windows: int | None = None
     property_weight: float = 1.0
     property_hidden_dim: int = 32
@@ -213,6 +219,10 @@ class TrainConfig:
             require(len(ladder) == 2 and 0 < ladder[1] <= ladder[0] < math.inf, "score_ladder_from_data", ladder,
                     "[top, bottom] with top >= bottom > 0")
             self.score_ladder_from_data = ladder
+        if self.exclusion_quantile is not None:
+            q = check_value("exclusion_quantile", self.exclusion_quantile, "float")
+            require(0 < q < 1, "exclusion_quantile", q, "in (0, 1) or null")
+            self.exclusion_quantile = q
         self.rollout = {**_ROLLOUT_DEFAULTS, **check_mapping("rollout", self.rollout, _ROLLOUT_KEYS)}
         for key in ("steps", "starts", "systems"):
             require(self.rollout[key] >= (2 if key == "steps" else 1), f"rollout.{key}", self.rollout[key],
@@ -476,6 +486,29 @@ def data_statistics(train_set, dilation: int) -> dict[str, float]:
             "mass_mean": float(masses.mean()), "mass_std": float(masses.std())}
 
 
+def exclusion_distance(dataset, quantile: float | None, max_frames: int = 200) -> float:
+    """The excluded-volume distance (nm) learned from data: ``quantile`` of the
+    nearest-non-bonded-bead distances pooled over at most ``max_frames`` evenly spaced
+    frames of each training trajectory (0.0 for None or when no bead has a non-bonded
+    neighbour). The default 1e-3 sits just above the data's closest approach (the very
+    minimum is one outlier frame: on 100-monomer chains 1.5 nm against ~2.05 nm for the
+    1e-3 quantile of every chain length), so the correction only removes overlaps the
+    data almost never shows."""
+    from openmm_cgml import analysis
+
+    if quantile is None:
+        return 0.0
+    pooled = []
+    for trajectory, graph in zip(dataset.trajectories, dataset.systems):
+        if trajectory.n_beads < 2:
+            continue
+        frames = np.unique(np.linspace(0, trajectory.n_frames - 1, min(max_frames, trajectory.n_frames)).astype(int))
+        d = analysis.nearest_nonbonded_distances(trajectory.positions, trajectory.box, graph.cg_bonds, frames)
+        pooled.append(d[np.isfinite(d)].ravel())
+    pooled = np.concatenate(pooled) if pooled else np.empty(0)
+    return float(np.quantile(pooled, quantile)) if pooled.size else 0.0
+
+
 def _evenly_spaced(n: int, limit: int | None) -> list[int]:
     if limit is None or n <= limit:
         return list(range(n))
@@ -581,6 +614,7 @@ def build_models_from_checkpoint(ckpt: dict[str, Any]) -> CGMLNet:
                   property_config=ckpt["property_config"] if with_property else None)
     net.embedding.load_state_dict(ckpt["embedding"])
     net.dynamics.load_state_dict(ckpt["dynamics"])
+    net.dynamics.exclusion_distance = float(ckpt.get("exclusion_distance", 0.0))
     if net.score is not None:
         net.score.load_state_dict(ckpt["score"])
     if net.property is not None:
@@ -754,6 +788,10 @@ class Trainer:
         self.net.dynamics.set_normalization(self.stats["velocity_std"], self.stats["acceleration_std"],
                                             feature_mean, feature_std)
         self.property_baselines = self._setup_property(feature_mean, feature_std)
+        self.net.dynamics.exclusion_distance = exclusion_distance(self.train_set, config.exclusion_quantile)
+        if self.rank == 0 and self.progress and config.exclusion_quantile is not None:
+            print(f"excluded volume: {self.net.dynamics.exclusion_distance:.4g} nm (quantile "
+                  f"{config.exclusion_quantile:g} of the training data's nearest non-bonded distances)")
         if self.net.score is not None:
             self.net.score.set_normalization(self.stats["mass_mean"], self.stats["mass_std"])
         self.augment_rotations = (config.augment_rotations if config.augment_rotations is not None
@@ -825,6 +863,7 @@ class Trainer:
             "kind": config.system,
             "periodic": bool(self.periodic),
             "data_statistics": dict(self.stats),
+            "exclusion_distance": float(self.net.dynamics.exclusion_distance),
             "train_systems": [s.name for s in self.train_set.systems],
             "val_systems": [s.name for s in self.val_set.systems],
             "embedding": self.net.embedding.state_dict(),

@@ -120,6 +120,9 @@ PYBIND11_MODULE(_cgml, m) {
         .def("getLangevinSchedule", &CGMLIntegrator::getLangevinSchedule)
         .def("setLangevinSchedule", &CGMLIntegrator::setLangevinSchedule)
         .def("getLangevinStepSizes", &CGMLIntegrator::getLangevinStepSizes)
+        .def("getExclusionDistance", &CGMLIntegrator::getExclusionDistance)
+        .def("setExclusionDistance", &CGMLIntegrator::setExclusionDistance)
+        .def("getExclusionCorrections", &CGMLIntegrator::getExclusionCorrections)
         .def("getPeriodicMode", &CGMLIntegrator::getPeriodicMode)
         .def("setPeriodicMode", &CGMLIntegrator::setPeriodicMode)
         .def("serialize",

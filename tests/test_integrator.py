@@ -968,13 +968,14 @@ def test_xml_of_format_version_1_loads_with_the_constant_schedule(tmp_path):
     dyn = save(HarmonicDynamics(k=0.1), tmp_path / "d.pt")
     integrator = CGMLIntegrator(dyn, save(ScheduledGaussianScore("ncsn"), tmp_path / "n.pt"))
     xml = openmm.XmlSerializer.serialize(integrator)
-    assert re.search(r'<Integrator [^>]*version="2"', xml)
-    # what version 1 wrote: no langevinSchedule; its integrator ran the constant schedule
-    old = re.sub(r' langevinSchedule="[^"]*"', "", xml, count=1)
-    old = re.sub(r'(<Integrator [^>]*)version="2"', r'\1version="1"', old, count=1)
+    assert re.search(r'<Integrator [^>]*version="3"', xml)
+    # what version 1 wrote: no langevinSchedule (nor exclusionDistance, added in version 3);
+    # its integrator ran the constant schedule
+    old = re.sub(r' (langevinSchedule|exclusionDistance)="[^"]*"', "", xml, count=2)
+    old = re.sub(r'(<Integrator [^>]*)version="3"', r'\1version="1"', old, count=1)
     assert "langevinSchedule" not in old and 'version="1"' in old
     assert CGMLIntegrator.deserialize(old).getLangevinSchedule() == "constant"
-    # version 2 must carry it
+    # versions >= 2 must carry it
     missing = re.sub(r' langevinSchedule="[^"]*"', "", xml, count=1)
     with pytest.raises(Exception, match="langevinSchedule"):
         CGMLIntegrator.deserialize(missing)

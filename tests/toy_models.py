@@ -99,3 +99,13 @@ class GaussianScore(torch.nn.Module):
 def save(module: torch.nn.Module, path) -> str:
     torch.jit.script(module).save(str(path))
     return str(path)
+
+
+class ExcludingDynamics(HarmonicDynamics):
+    """HarmonicDynamics declaring the optional contract attribute exclusion_distance (nm)."""
+
+    exclusion_distance: float
+
+    def __init__(self, exclusion_distance: float, **kwargs):
+        super().__init__(**kwargs)
+        self.exclusion_distance = exclusion_distance

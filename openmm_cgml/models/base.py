@@ -79,10 +79,15 @@ class DynamicsBase(nn.Module):
 
     Buffers (travel with the export): ``velocity_scale`` multiplies the finite-difference
     velocities, ``acceleration_scale`` converts network units to nm/step^2,
-    ``feature_shift``/``feature_scale`` standardise the bead features."""
+    ``feature_shift``/``feature_scale`` standardise the bead features.
+
+    ``exclusion_distance`` (nm, contract attribute; 0: none) is the integrator's default
+    excluded volume: the trainer sets it from the training data's closest approach of
+    non-bonded beads (``TrainConfig.exclusion_quantile``)."""
 
     seq_len: int
     step_size_ps: float
+    exclusion_distance: float
     num_features: int
     latent_dim: int
     min_std: float
@@ -97,6 +102,7 @@ class DynamicsBase(nn.Module):
             raise ValueError("min_std must be positive")
         self.seq_len = int(seq_len)
         self.step_size_ps = float(step_size_ps)
+        self.exclusion_distance = 0.0
         self.num_features = int(num_features)
         self.latent_dim = int(latent_dim)
         self.min_std = float(min_std)

@@ -35,6 +35,7 @@ CGMLIntegrator::CGMLIntegrator(const std::string& dynamicsModel, const std::stri
     langevinSteps = learnedStep->getDefaultLangevinSteps();
     langevinStepSize = learnedStep->getDefaultLangevinStepSize();
     langevinSchedule = (int) learnedStep->getDefaultLangevinSchedule();
+    exclusionDistance = learnedStep->getDefaultExclusionDistance();
     setStepSize(stepSize > 0 ? stepSize : learnedStep->getModelStepSize());
 }
 
@@ -222,6 +223,16 @@ std::string CGMLIntegrator::getLangevinSchedule() const {
 
 std::vector<double> CGMLIntegrator::getLangevinStepSizes() const {
     return learnedStep->langevinStepSizes(langevinStepSize, (LearnedStep::LangevinSchedule) langevinSchedule);
+}
+
+void CGMLIntegrator::setExclusionDistance(double distance) {
+    if (!(distance >= 0) || !std::isfinite(distance))
+        throw std::invalid_argument("the exclusion distance must be >= 0 and finite (nm)");
+    exclusionDistance = distance;
+}
+
+long long CGMLIntegrator::getExclusionCorrections() const {
+    return learnedStep->getExclusionCorrections();
 }
 
 std::vector<double> CGMLIntegrator::getSigmas() const {

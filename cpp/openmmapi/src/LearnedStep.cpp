@@ -1,5 +1,7 @@
 #include "openmm_cgml/internal/LearnedStep.h"
 #include "openmm/OpenMMException.h"
+#include "openmm/Vec3.h"
+#include "openmm/reference/ReferenceNeighborList.h"
 #include <ATen/CPUGeneratorImpl.h>
 #include <algorithm>
 #include <cmath>
@@ -184,7 +186,8 @@ const char checkpointMagic[8] = {'C', 'G', 'M', 'L', 'C', 'K', 'P', '1'};
 
 LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& scoreBytes)
     : hasScore(!scoreBytes.empty()), defaultLangevinSteps(0), defaultLangevinStepSize(0.0),
-      defaultLangevinSchedule(LangevinSchedule::Constant), expectedFeatures(-1),
+      defaultLangevinSchedule(LangevinSchedule::Constant), expectedFeatures(-1), defaultExclusionDistance(0.0),
+      exclusionCorrections(0),
       generator(at::make_generator<at::CPUGeneratorImpl>(0)) {
     dynamics = loadArchive(dynamicsBytes, "dynamics");
     seqLen = requireInt(dynamics, "dynamics", "seq_len");
@@ -198,6 +201,11 @@ LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& sc
         throw std::invalid_argument(msg.str());
     }
     expectedFeatures = optionalFeatureWidth(dynamics, "dynamics");
+    if (dynamics.hasattr("exclusion_distance")) {  // optional: absent means no excluded-volume correction
+        defaultExclusionDistance = requireDouble(dynamics, "dynamics", "exclusion_distance");
+        if (!(defaultExclusionDistance >= 0) || !std::isfinite(defaultExclusionDistance))
+            throw std::invalid_argument("the dynamics model's attribute 'exclusion_distance' must be >= 0 and finite (nm)");
+    }
     if (!dynamics.find_method("forward"))
         throw std::invalid_argument("the dynamics model has no forward method");
     if (hasScore) {
@@ -397,7 +405,96 @@ torch::Tensor LearnedStep::predict(const torch::Tensor& box, const Options& opti
             throw OpenMMException("step " + std::to_string(stepNumber) +
                                   ": the score refinement produced a non-finite position; the context keeps its last good state");
     }
+    if (options.exclusionDistance > 0)
+        resolveOverlaps(x, box, options.exclusionDistance, options.masses);
     return x;
+}
+
+namespace {
+
+/** The shortest periodic image of d under OpenMM's reduced box vectors (rows a, b, c). */
+OpenMM::Vec3 minimumImage(OpenMM::Vec3 d, const OpenMM::Vec3* box) {
+    d -= box[2] * std::round(d[2] / box[2][2]);
+    d -= box[1] * std::round(d[1] / box[1][1]);
+    d -= box[0] * std::round(d[0] / box[0][0]);
+    return d;
+}
+
+} // namespace
+
+int LearnedStep::resolveOverlaps(torch::Tensor& x, const torch::Tensor& box, double distance,
+                                 const std::vector<double>* masses) {
+    const int64_t n = x.size(0);
+    if (n < 2 || !(distance > 0))
+        return 0;
+    torch::Tensor boxVectors = box.to(torch::kFloat64).contiguous();
+    const double* b = boxVectors.data_ptr<double>();
+    OpenMM::Vec3 periodicBox[3];
+    for (int i = 0; i < 3; i++)
+        periodicBox[i] = OpenMM::Vec3(b[3 * i], b[3 * i + 1], b[3 * i + 2]);
+    const bool periodic = periodicBox[0][0] > 0 && periodicBox[1][1] > 0 && periodicBox[2][2] > 0;
+    if (periodic && 2 * distance > std::min(periodicBox[0][0], std::min(periodicBox[1][1], periodicBox[2][2])))
+        throw OpenMMException("the exclusion distance (" + std::to_string(distance) +
+                              " nm) is more than half the periodic box width");
+    if ((int64_t) bondExclusions.size() != n) {
+        bondExclusions.assign(n, std::set<int>());
+        torch::Tensor pairs = bonds.to(torch::kInt64).contiguous();
+        const int64_t* p = pairs.data_ptr<int64_t>();
+        for (int64_t e = 0; e < pairs.size(0); e++)
+            if (p[2 * e] >= 0 && p[2 * e] < n && p[2 * e + 1] >= 0 && p[2 * e + 1] < n) {
+                bondExclusions[p[2 * e]].insert((int) p[2 * e + 1]);
+                bondExclusions[p[2 * e + 1]].insert((int) p[2 * e]);
+            }
+    }
+    std::vector<double> inverseMass(n, 1.0);
+    if (masses != nullptr && (int64_t) masses->size() == n)
+        for (int64_t i = 0; i < n; i++)
+            inverseMass[i] = (*masses)[i] > 0 ? 1.0 / (*masses)[i] : 0.0;
+
+    x = x.contiguous();
+    double* px = x.data_ptr<double>();
+    std::vector<OpenMM::Vec3> wrapped(n);
+    OpenMM::NeighborList pairs;
+    int corrections = 0;
+    for (int sweep = 0; sweep < maxExclusionSweeps; sweep++) {
+        for (int64_t i = 0; i < n; i++) {
+            OpenMM::Vec3 r(px[3 * i], px[3 * i + 1], px[3 * i + 2]);
+            if (periodic) {  // the voxel hash wants positions inside the box
+                r -= periodicBox[2] * std::floor(r[2] / periodicBox[2][2]);
+                r -= periodicBox[1] * std::floor(r[1] / periodicBox[1][1]);
+                r -= periodicBox[0] * std::floor(r[0] / periodicBox[0][0]);
+            }
+            wrapped[i] = r;
+        }
+        OpenMM::computeNeighborListVoxelHash(pairs, (int) n, wrapped, bondExclusions, periodicBox, periodic, distance);
+        int moved = 0;
+        for (const OpenMM::AtomPair& pair : pairs) {
+            double* xi = px + 3 * pair.first;
+            double* xj = px + 3 * pair.second;
+            OpenMM::Vec3 d(xj[0] - xi[0], xj[1] - xi[1], xj[2] - xi[2]);
+            if (periodic)
+                d = minimumImage(d, periodicBox);
+            const double r = std::sqrt(d.dot(d));
+            if (r >= distance * (1 - 1e-9))
+                continue;  // separated by an earlier correction of this sweep (or round-off from one)
+            // coincident beads: a fixed direction keeps the step deterministic
+            const OpenMM::Vec3 unit = r > 1e-12 * distance ? d / r : OpenMM::Vec3(1, 0, 0);
+            const double wi = inverseMass[pair.first], wj = inverseMass[pair.second];
+            if (wi + wj == 0)
+                continue;
+            const OpenMM::Vec3 shift = unit * (distance - r);
+            for (int k = 0; k < 3; k++) {
+                xi[k] -= shift[k] * wi / (wi + wj);
+                xj[k] += shift[k] * wj / (wi + wj);
+            }
+            moved++;
+        }
+        corrections += moved;
+        if (moved == 0)
+            break;
+    }
+    exclusionCorrections += corrections;
+    return corrections;
 }
 
 void LearnedStep::push(const torch::Tensor& x) {

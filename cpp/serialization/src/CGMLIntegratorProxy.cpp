@@ -15,7 +15,7 @@ using namespace OpenMM;
 
 // Version 2 added langevinSchedule; version 1 XML (without it) loads with the constant
 // schedule, the only one its writer knew.
-static const int formatVersion = 2;
+static const int formatVersion = 3;
 
 CGMLIntegratorProxy::CGMLIntegratorProxy() : SerializationProxy("CGMLIntegrator") {
 }
@@ -31,6 +31,7 @@ void CGMLIntegratorProxy::serialize(const void* object, SerializationNode& node)
     node.setIntProperty("langevinSteps", integrator.getLangevinSteps());
     node.setDoubleProperty("langevinStepSize", integrator.getLangevinStepSize());
     node.setStringProperty("langevinSchedule", integrator.getLangevinSchedule());
+    node.setDoubleProperty("exclusionDistance", integrator.getExclusionDistance());
     node.setIntProperty("periodicMode", integrator.getPeriodicMode());
     node.setIntProperty("integrationForceGroups", integrator.getIntegrationForceGroups());
     node.createChildNode("DynamicsModel").setStringProperty("base64", base64Encode(integrator.getDynamicsModelBytes()));
@@ -72,7 +73,7 @@ std::string decode(const SerializationNode& node, const std::string& element) {
 // XML. The checks below turn corrupt or inconsistent XML into an OpenMMException.
 void* CGMLIntegratorProxy::deserialize(const SerializationNode& node) const {
     int version = node.getIntProperty("version");
-    if (version != 1 && version != formatVersion)
+    if (version < 1 || version > formatVersion)
         throw OpenMMException("Unsupported version number for CGMLIntegrator: " + std::to_string(version));
     double stepSize = node.getDoubleProperty("stepSize");
     if (!(stepSize > 0) || !std::isfinite(stepSize)) {
@@ -94,6 +95,8 @@ void* CGMLIntegratorProxy::deserialize(const SerializationNode& node) const {
         if (integrator->hasScoreModel())
             integrator->setLangevinStepSize(node.getDoubleProperty("langevinStepSize"));
         integrator->setLangevinSchedule(version >= 2 ? node.getStringProperty("langevinSchedule") : "constant");
+        if (version >= 3)  // older XML keeps the dynamics model's default
+            integrator->setExclusionDistance(node.getDoubleProperty("exclusionDistance"));
         integrator->setPeriodicMode(node.getIntProperty("periodicMode"));
         integrator->setIntegrationForceGroups(node.getIntProperty("integrationForceGroups"));
 

@@ -121,6 +121,18 @@ public:
     std::string getLangevinSchedule() const;
     /** The step size of each level of the ladder (nm^2) under the current schedule. */
     std::vector<double> getLangevinStepSizes() const;
+    /**
+     * Excluded volume (nm): after each step (and its refinement), beads that are not
+     * CG-bonded and closer than this are pushed apart to exactly this distance (each
+     * pair's centre of mass fixed; see LearnedStep::resolveOverlaps). 0 turns it off. The
+     * default is the dynamics model's optional float attribute exclusion_distance, else 0.
+     * Configuration: serialized, not part of checkpoints. Throws std::invalid_argument for
+     * a negative or non-finite value.
+     */
+    void setExclusionDistance(double distance);
+    double getExclusionDistance() const { return exclusionDistance; }
+    /** Bead pairs moved apart by the excluded-volume correction since the integrator was created. */
+    long long getExclusionCorrections() const;
     /** The score model's noise ladder (nm, largest first); empty without a score model. */
     std::vector<double> getSigmas() const;
     /** -1: follow System::usesPeriodicBoundaryConditions(); 0: non-periodic; 1: periodic. */
@@ -171,6 +183,7 @@ private:
     int langevinSteps;
     double langevinStepSize;
     int langevinSchedule;  // a LearnedStep::LangevinSchedule
+    double exclusionDistance;
     int periodicMode;
     bool periodic;
     bool needsSeeding;    // seed the generator at the next initialize()

@@ -57,6 +57,8 @@ void ReferenceIntegrateCGMLStepKernel::execute(ContextImpl& context, CGMLIntegra
     options.langevinSteps = integrator.getLangevinSteps();
     options.langevinStepSize = integrator.getLangevinStepSize();
     options.langevinSchedule = LearnedStep::parseLangevinSchedule(integrator.getLangevinSchedule(), "the Langevin schedule");
+    options.exclusionDistance = integrator.getExclusionDistance();
+    options.masses = &masses;
     // predict() throws before anything is written: on failure the context keeps its last good state
     torch::Tensor next = learned.predict(box, options, context.getStepCount() + 1);
     velocities.copy_((next - positions) / dt);

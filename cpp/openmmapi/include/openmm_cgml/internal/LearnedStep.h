@@ -4,6 +4,7 @@
 #include <torch/script.h>
 #include <ATen/core/Generator.h>
 #include <iosfwd>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,10 @@ public:
         int langevinSteps = 0;
         double langevinStepSize = 0.0;
         LangevinSchedule langevinSchedule = LangevinSchedule::Constant;
+        /** Excluded volume (nm): non-bonded beads closer than this are pushed apart after the step; 0: off. */
+        double exclusionDistance = 0.0;
+        /** Bead masses (amu) weighting the excluded-volume correction; null or empty: equal weights. */
+        const std::vector<double>* masses = nullptr;
     };
 
     /** Largest seq_len accepted from a model (a sanity bound: the history is [seqLen, N, 3]). */
@@ -51,12 +56,28 @@ public:
     double getDefaultLangevinStepSize() const { return defaultLangevinStepSize; }
     /** The score model's optional string attribute langevin_schedule; Constant if absent. */
     LangevinSchedule getDefaultLangevinSchedule() const { return defaultLangevinSchedule; }
+    /** The dynamics model's optional float attribute exclusion_distance (nm), or 0 if absent. */
+    double getDefaultExclusionDistance() const { return defaultExclusionDistance; }
+    /** Bead pairs moved apart by the excluded-volume correction since this object was created. */
+    long long getExclusionCorrections() const { return exclusionCorrections; }
+    /**
+     * Excluded volume: push every pair of beads that are not CG-bonded and closer than
+     * `distance` (nm; minimum image in a periodic `box`) apart along their separation,
+     * to exactly `distance`, the lighter bead moving more (the centre of mass of each
+     * pair stays put, so momentum is conserved). Pairs are resolved one after another
+     * (as SHAKE resolves constraints) in up to maxExclusionSweeps sweeps over a fresh
+     * neighbour list. Returns the number of pair corrections made.
+     */
+    int resolveOverlaps(torch::Tensor& x, const torch::Tensor& box, double distance,
+                        const std::vector<double>* masses);
+    static const int maxExclusionSweeps = 20;
+
     /** The step size of each level of the ladder (nm^2) under a schedule and base step eps. */
     std::vector<double> langevinStepSizes(double eps, LangevinSchedule schedule) const;
 
     /** Graph inputs shared by all steps: features [N,F] float32, bonds [E,2] int64, box [3,3]. */
     void setFeatures(torch::Tensor features) { this->features = std::move(features); }
-    void setBonds(torch::Tensor bonds) { this->bonds = std::move(bonds); }
+    void setBonds(torch::Tensor bonds) { this->bonds = std::move(bonds); bondExclusions.clear(); }
     const torch::Tensor& getFeatures() const { return features; }
     const torch::Tensor& getBondTensor() const { return bonds; }
 
@@ -113,6 +134,9 @@ private:
     double defaultLangevinStepSize;
     LangevinSchedule defaultLangevinSchedule;
     int expectedFeatures;
+    double defaultExclusionDistance;
+    long long exclusionCorrections;
+    std::vector<std::set<int>> bondExclusions;  // per bead, its CG-bonded partners (built on first use)
     torch::Tensor features, bonds, history;
     at::Generator generator;
 };
