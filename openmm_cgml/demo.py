@@ -7,13 +7,18 @@
 3. TorchScript export (``cgml export``);
 4. learned simulation of the held-out chains through ``CGMLIntegrator`` in an
    ``app.Simulation``, 10x longer than the training trajectories, and the evaluation
-   report against reference MD (``cgml evaluate``).
+   report against reference MD (``cgml evaluate``);
+5. the same evaluation of the pretrained chain model shipped with the package
+   (``LearnedSimulator.pretrained("chain")``, trained on far more data), so the small
+   demo model and the pretrained one are compared on the same held-out chains;
+   ``summary.md`` holds both reports.
 
 Every stage resumes: a rerun skips finished trajectories and a finished training run.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -30,6 +35,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, rollout_factor: float
     from openmm_cgml.evaluate import check_rollout_factor, check_seed, run_evaluation
     from openmm_cgml.export import export_checkpoint
     from openmm_cgml.generate import generate_dataset
+    from openmm_cgml.simulator import PRETRAINED_DIR, LearnedSimulator
     from openmm_cgml.train import train
 
     # refuse bad options now, not after minutes of reference MD
@@ -59,14 +65,27 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, rollout_factor: float
     train("chain-demo", run, resume=last.exists(), progress=progress, overrides=overrides)
     stage("3/4 TorchScript export")
     export_checkpoint(run, model)
-    stage("4/4 learned simulation in OpenMM + evaluation")
+    stage("4/5 learned simulation in OpenMM + evaluation")
     path = run_evaluation({"learned (gns)": model}, data, report, rollout_factor=rollout_factor, seed=seed + 1,
                           progress=progress)
+    stage("5/5 the shipped pretrained chain model on the same held-out chains")
+    reports = [("the demo's model, trained in this run", path)]
+    if "chain" in LearnedSimulator.available_pretrained():
+        pretrained = run_evaluation({"pretrained (chain)": PRETRAINED_DIR / "chain"}, data, out / "report-pretrained",
+                                    rollout_factor=rollout_factor, seed=seed + 1, sl_baseline=False,
+                                    progress=progress, measure_md=False)
+        reports.append(("the shipped pretrained chain model (openmm_cgml/pretrained/chain/MODEL_CARD.md)", pretrained))
+    else:
+        print("no pretrained chain model in this installation: skipped")
+    summary = out / "summary.md"
+    summary.write_text("# cgml demo\n\n" + "\n\n".join(
+        f"## {title}\n\n({report_path})\n\n" + re.sub(r"^(#+) ", r"##\1 ", Path(report_path).read_text(), flags=re.M)
+        for title, report_path in reports))
     timings["end"] = time.perf_counter()
     names = list(timings)
     print("\nstage times: " + ", ".join(f"{names[i].split()[0]} {timings[names[i + 1]] - timings[names[i]]:.0f} s"
                                        for i in range(len(names) - 1)))
-    print(f"report: {path}\nplots:  {report}/<system>/*.png")
+    print(f"report: {path}\nplots:  {report}/<system>/*.png\nsummary of both models: {summary}")
     return path
 
 

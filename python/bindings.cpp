@@ -40,11 +40,9 @@ swig_type_info* integratorType() {
 
 PYBIND11_MODULE(_cgml, m) {
     m.doc() = "C++ core of openmm_cgml (use openmm_cgml.CGMLIntegrator)";
+    // linked, not loaded as a plugin: OpenMM calls no registerKernelFactories for us
     CGML::registerReferenceCGMLKernels();
-    CGML::registerCGMLSerializationProxies();
     py::register_exception<OpenMM::OpenMMException>(m, "CGMLError", PyExc_RuntimeError);
-    m.def("register_kernels", &CGML::registerReferenceCGMLKernels,
-          "Register the step kernel on every Reference-derived platform (idempotent).");
 
     py::class_<CGMLIntegrator>(m, "CGMLIntegratorImpl")
         .def(py::init([](py::bytes dynamics, py::object score, double stepSize, bool allowOverride) {
@@ -152,12 +150,4 @@ PYBIND11_MODULE(_cgml, m) {
                 throw py::error_already_set();
             return py::reinterpret_steal<py::object>(pointer);
         });
-
-    m.def("is_cgml_integrator", [](py::object swigObject) {
-        // True if a SWIG openmm.Integrator (e.g. from XmlSerializer.deserialize) wraps a CGMLIntegrator.
-        void* pointer = NULL;
-        if (!SWIG_IsOK(SWIG_ConvertPtr(swigObject.ptr(), &pointer, integratorType(), 0)) || pointer == NULL)
-            return false;
-        return dynamic_cast<CGMLIntegrator*>(reinterpret_cast<OpenMM::Integrator*>(pointer)) != NULL;
-    });
 }

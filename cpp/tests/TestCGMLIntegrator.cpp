@@ -8,6 +8,7 @@
 #include "openmm/State.h"
 #include "openmm/System.h"
 #include "openmm/VirtualSite.h"
+#include "openmm/serialization/SerializationProxy.h"
 #include "openmm/serialization/XmlSerializer.h"
 #include "openmm_cgml/CGMLIntegrator.h"
 #include "openmm_cgml/internal/Base64.h"
@@ -458,8 +459,8 @@ static void testLangevinSchedule() {
     const std::string field = " langevinSchedule=\"ncsn\"";
     const size_t at = xml.find(field);
     std::string withoutField = xml.substr(0, at) + xml.substr(at + field.size());
-    EXPECT_THROW(OpenMMException, load(withoutField), "langevinSchedule");  // version 2 must carry it
-    const size_t version = withoutField.find("version=\"2\"");
+    EXPECT_THROW(OpenMMException, load(withoutField), "langevinSchedule");  // versions >= 2 must carry it
+    const size_t version = withoutField.find("version=\"3\"");
     ASSERT(version != std::string::npos);
     std::string versionOne = withoutField;
     versionOne[version + 9] = '1';
@@ -469,11 +470,48 @@ static void testLangevinSchedule() {
     EXPECT_THROW(OpenMMException, load(bad), "CGMLIntegrator XML: the Langevin schedule must be \"constant\" or \"ncsn\"");
 }
 
+/**
+ * No explicit registration: loading the kernel library as an OpenMM plugin registers the
+ * kernel factory (its registerKernelFactories entry point), and the serialization proxy is
+ * registered when the API library is loaded. Every later test relies on both.
+ */
+/** LearnedStep::resolveOverlaps: mass-weighted, bonded pairs exempt, minimum image. */
+static void testExcludedVolume() {
+    LearnedStep step(harmonicModel(0.0, 0.0, 2), "");
+    torch::Tensor noBox = torch::zeros({3, 3}, torch::kFloat32);
+    torch::Tensor x = torch::tensor({0.0, 0.0, 0.0, 0.4, 0.0, 0.0, 0.0, 0.3, 0.0}, torch::kFloat64).view({3, 3});
+    std::vector<double> masses = {3.0, 1.0, 1.0};
+    step.setBonds(torch::tensor({0, 2}, torch::kInt64).view({1, 2}));  // 0-2 bonded: exempt
+    ASSERT(step.resolveOverlaps(x, noBox, 1.0, &masses) >= 2);
+    // 0-1: overlap 0.6 shared 1:3 (the heavy bead moves a quarter); then 1-2 is resolved too
+    const double com = (3.0 * x[0][0].item<double>() + x[1][0].item<double>() + x[2][0].item<double>());
+    ASSERT_NEAR(com, 0.4, 1e-12);  // mass-weighted x sum (centre of mass) fixed: 3*0 + 0.4 + 0
+    ASSERT(torch::norm(x[1] - x[0]).item<double>() >= 1.0 - 1e-9);
+    ASSERT(torch::norm(x[1] - x[2]).item<double>() >= 1.0 - 1e-9);
+    ASSERT(torch::norm(x[2] - x[0]).item<double>() < 1.0);  // bonded pair left closer
+    // periodic: 0.2 nm apart through the boundary of a 4 nm box, separated through it
+    torch::Tensor box = (4.0 * torch::eye(3)).to(torch::kFloat32);
+    torch::Tensor y = torch::tensor({0.1, 1.0, 1.0, 3.9, 1.0, 1.0}, torch::kFloat64).view({2, 3});
+    step.setBonds(torch::empty({0, 2}, torch::kInt64));
+    ASSERT(step.resolveOverlaps(y, box, 0.5, nullptr) == 1);
+    ASSERT_NEAR(y[0][0].item<double>(), 0.25, 1e-12);
+    ASSERT_NEAR(y[1][0].item<double>(), 3.75, 1e-12);
+    EXPECT_THROW(OpenMMException, step.resolveOverlaps(y, box, 2.5, nullptr), "more than half the periodic box");
+}
+
+void testPluginLoading() {
+    const std::vector<std::string> kernel = {IntegrateCGMLStepKernel::Name()};
+    ASSERT(!Platform::getPlatformByName("Reference").supportsKernels(kernel));
+    Platform::loadPluginLibrary(CGML_REFERENCE_PLUGIN);  // throws if it cannot be loaded
+    ASSERT(Platform::getPlatformByName("Reference").supportsKernels(kernel));
+    ASSERT(Platform::getPlatformByName("CPU").supportsKernels(kernel));
+    ASSERT(SerializationProxy::getProxy(typeid(CGMLIntegrator)).getTypeName() == "CGMLIntegrator");
+}
+
 int main() {
     try {
         Platform::loadPluginsFromDirectory(OPENMM_PLUGIN_DIR);
-        registerReferenceCGMLKernels();
-        registerCGMLSerializationProxies();
+        testPluginLoading();
         testBase64();
         testRecurrence("Reference");
         testRecurrence("CPU");
@@ -483,6 +521,7 @@ int main() {
         testXmlValidation();
         testSystemAndModelChecks();
         testLangevinSchedule();
+        testExcludedVolume();
     }
     catch (const std::exception& e) {
         std::cout << "FAIL - ERROR.  Message: " << e.what() << std::endl;

@@ -143,3 +143,11 @@ void CGML::registerCGMLSerializationProxies() {
     static std::once_flag once;
     std::call_once(once, [] { SerializationProxy::registerProxy(typeid(CGMLIntegrator), new CGMLIntegratorProxy()); });
 }
+
+namespace {
+// Register the proxy when the library is loaded (linked or dlopen'ed as a plugin), so
+// XmlSerializer knows CGMLIntegrator without an explicit call.
+struct RegisterProxiesOnLoad {
+    RegisterProxiesOnLoad() { CGML::registerCGMLSerializationProxies(); }
+} registerProxiesOnLoad;
+} // namespace

@@ -95,3 +95,13 @@ void CGML::registerReferenceCGMLKernels() {
             platform.registerKernelFactory(IntegrateCGMLStepKernel::Name(), new ReferenceCGMLKernelFactory());
     }
 }
+
+// OpenMM plugin entry points: Platform::loadPluginLibrary / loadPluginsFromDirectory call
+// these after loading the library, so a C++ program that loads this plugin gets the
+// kernel without calling registerReferenceCGMLKernels itself (as openmm-torch does).
+extern "C" OPENMM_EXPORT void registerPlatforms() {
+}
+
+extern "C" OPENMM_EXPORT void registerKernelFactories() {
+    CGML::registerReferenceCGMLKernels();
+}
