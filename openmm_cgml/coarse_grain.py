@@ -1,4 +1,4 @@
-"""Coarse-graining with METIS (METHOD.md step 3): the single source of truth for the
+"""Coarse-graining with METIS (docs/method.md step 3): the single source of truth for the
 fine -> CG mapping, used by the data pipeline, the models and the integrator.
 
 For each molecule (connected component of the bond graph) with n atoms, the bond graph

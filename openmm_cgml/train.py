@@ -5,7 +5,7 @@ pass a preset name such as ``chain-demo`` instead of a path)::
 
     data_dir: /tmp/chain-demo        # a ``cgml generate`` / ``import-trajectory`` data set
     system: chain                    # trajectory kind to use (null: every kind)
-    cg_level: 10                     # atoms per bead (METIS), METHOD.md step 3
+    cg_level: 10                     # atoms per bead (METIS), docs/method.md step 3
     small_molecules_as_beads: false
     small_molecule_max_atoms: 20
     seq_len: 10                      # input frames (overrides model.seq_len)
@@ -28,7 +28,7 @@ pass a preset name such as ``chain-demo`` instead of a path)::
     models: both                     # both | dynamics
     score_weight: 1.0
     detach_latent: true
-    dynamics_noise: true             # multi-scale history noise (METHOD.md step 4)
+    dynamics_noise: true             # multi-scale history noise (docs/method.md step 4)
     augment_rotations: null          # a random rotation of each training window (the
                                      # boundary conditions' symmetry under PBC); null: on
                                      # for backbones that are not rotation-equivariant (gns)

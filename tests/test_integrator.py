@@ -46,7 +46,7 @@ def state_arrays(context):
 
 
 def harmonic_recurrence(x0, v0, k, steps, seq_len, dt):
-    """METHOD.md step 4 in NumPy, with the model's float32 arithmetic for the mean."""
+    """docs/method.md step 4 in NumPy, with the model's float32 arithmetic for the mean."""
     history = [x0 - (seq_len - 1 - i) * dt * v0 for i in range(seq_len)]
     for _ in range(steps):
         xt, xprev = history[-1], history[-2]

@@ -1,5 +1,5 @@
 """LearnedSimulator: the five-line OpenMM flow, and parity of the C++ integrator with a
-Python rollout written from METHOD.md on the same exported models."""
+Python rollout written from docs/method.md on the same exported models."""
 from __future__ import annotations
 
 import numpy as np
@@ -78,7 +78,7 @@ def test_unknown_types_are_named(exported, test_record):
 
 
 def python_rollout(dynamics, score, history, features, bonds, steps):
-    """METHOD.md steps 4-5, deterministic: float64 state, float32 models;
+    """docs/method.md steps 4-5, deterministic: float64 state, float32 models;
     x_{t+1} = x_t + (x_t - x_{t-1}) + mean, then for each sigma, K times x += eps * score(x)."""
     box = torch.zeros(3, 3)
     features = torch.as_tensor(features, dtype=torch.float32)

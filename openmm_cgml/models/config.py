@@ -1,4 +1,4 @@
-"""Model configuration (defaults = METHOD.md's electrolyte configuration, lengths in nm)
+"""Model configuration (defaults = docs/method.md's electrolyte configuration, lengths in nm)
 and the factories that build the three networks from it."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Time-invariant embedding GNN on the fine (all-atom) bond graph (METHOD.md step 2).
+"""Time-invariant embedding GNN on the fine (all-atom) bond graph (docs/method.md step 2).
 
 It never sees positions, so it runs once per system; its per-bead output (mean over the
 bead's atoms) ++ the bead mass is the ``features`` tensor handed to the exported

@@ -1,4 +1,4 @@
-"""``gns`` backbone: the paper's encode-process-decode MPNN (METHOD.md steps 4 and 5).
+"""``gns`` backbone: the paper's encode-process-decode MPNN (docs/method.md steps 4 and 5).
 
 Not rotation-equivariant (displacements enter as raw components); translation-invariant
 because only velocities and displacements enter."""

@@ -382,12 +382,12 @@ torch::Tensor LearnedStep::predict(const torch::Tensor& box, const Options& opti
         a = a + stdev.to(torch::kFloat64) * normal(n);
     const torch::Tensor xt = history[seqLen - 1];
     const torch::Tensor velocity = seqLen > 1 ? xt - history[seqLen - 2] : torch::zeros_like(xt);
-    torch::Tensor x = xt + velocity + a;  // Euler with dt = 1 (METHOD.md step 4)
+    torch::Tensor x = xt + velocity + a;  // Euler with dt = 1 (docs/method.md step 4)
     if (!torch::isfinite(x).all().item<bool>())
         throw OpenMMException("step " + std::to_string(stepNumber) +
                               ": the dynamics model predicted a non-finite position; the context keeps its last good state");
     if (hasScore && options.langevinSteps > 0) {
-        // annealed Langevin dynamics over the sigma ladder (METHOD.md step 5); the step size
+        // annealed Langevin dynamics over the sigma ladder (docs/method.md step 5); the step size
         // of each level follows the schedule (constant: eps; NCSN: eps sigma_i^2 / sigma_L^2)
         const std::vector<double> stepSizes = langevinStepSizes(options.langevinStepSize, options.langevinSchedule);
         for (int64_t level = 0; level < sigmas.size(0); level++) {

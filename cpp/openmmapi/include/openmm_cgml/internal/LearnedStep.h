@@ -13,7 +13,7 @@ namespace CGML {
 /**
  * The learned step, independent of any OpenMM platform: the TorchScript models, the
  * history of the last seqLen frames and the random generator. Every platform kernel
- * moves positions in and out; this class is the one implementation of METHOD.md
+ * moves positions in and out; this class is the one implementation of docs/method.md
  * steps 4-5 (predict with the dynamics model, refine with annealed Langevin dynamics).
  *
  * Positions and history are float64 [.., N, 3] tensors in nm; model inputs are float32.
