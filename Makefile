@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.requirements-installed
 
-.PHONY: setup build test test-cpp demo benchmark clean
+.PHONY: setup build test test-cpp demo benchmark pretrained clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,36 @@ demo: build
 
 benchmark: build
 	$(PY) benchmarks/integrator_overhead.py
+
+# The shipped pretrained chain model (openmm_cgml/pretrained/chain; see its MODEL_CARD.md):
+# MD of 16 class-I chains on both cores (~30 min), two training seeds in parallel (~25 min),
+# export of the seed with the better validation-rollout score, and the accuracy benchmark
+# on the held-out class-II chains (~15 min). Resumable: MD and training continue where
+# they stopped.
+CGML := $(VENV)/bin/cgml
+PRETRAIN_DATA := data/chain-pretrain
+PRETRAIN_MD := chain --preset full --seed 0 --n-train 16 --n-test 0 --n-frames 2400 \
+	--set n_monomers=[30,50,70,100] --set equilibration_tau=1500 --out $(PRETRAIN_DATA) --threads 1 --no-progress
+pretrained: build
+	set -e; \
+	$(CGML) generate $(PRETRAIN_MD) --only chain_train_000 chain_train_003 chain_train_004 chain_train_007 \
+		chain_train_008 chain_train_011 chain_train_012 chain_train_015 & a=$$!; \
+	$(CGML) generate $(PRETRAIN_MD) --only chain_train_001 chain_train_002 chain_train_005 chain_train_006 \
+		chain_train_009 chain_train_010 chain_train_013 chain_train_014 & b=$$!; \
+	wait $$a; wait $$b
+	$(CGML) generate $(PRETRAIN_MD)
+	set -e; for seed in 0 1; do \
+		OMP_NUM_THREADS=1 $(CGML) train chain-pretrained --data-dir $(PRETRAIN_DATA) --out runs/chain-pretrained-s$$seed \
+			--set seed=$$seed --no-progress $$( [ -f runs/chain-pretrained-s$$seed/checkpoints/last.pt ] && echo --resume ) & \
+		eval "pid$$seed=$$!"; done; wait $$pid0; wait $$pid1
+	$(PY) benchmarks/pick_seed.py runs/chain-pretrained-s0 runs/chain-pretrained-s1 > runs/chain-pretrained-choice.txt
+	rm -rf openmm_cgml/pretrained/chain.new
+	$(CGML) export $$(head -1 runs/chain-pretrained-choice.txt) -o openmm_cgml/pretrained/chain.new
+	cp openmm_cgml/pretrained/chain/MODEL_CARD.md openmm_cgml/pretrained/chain.new/ 2>/dev/null || true
+	rm -rf openmm_cgml/pretrained/chain && mv openmm_cgml/pretrained/chain.new openmm_cgml/pretrained/chain
+	$(PY) benchmarks/accuracy.py --model openmm_cgml/pretrained/chain --steps 5000 --seeds 3 \
+		--train-tau 1500 12000 --sl-data $(PRETRAIN_DATA) --json runs/chain-pretrained-accuracy.json \
+		| tee runs/chain-pretrained-accuracy.md
 
 clean:
 	rm -rf build openmm_cgml/*.so *.egg-info

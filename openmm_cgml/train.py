@@ -41,6 +41,10 @@ pass a preset name such as ``chain-demo`` instead of a path)::
                                      # beads apart to it after each step) is this quantile
                                      # of the training data's nearest-non-bonded-bead
                                      # distances; null: no excluded volume
+    exclusion_calibration: null      # e.g. [0, 1.0e-3, 1.0e-2, 3.0e-2]: after training, best.pt's
+                                     # distance is re-chosen among these quantiles (0: none)
+                                     # by rollout validation (2 rollout seeds); the table is
+                                     # written to exclusion_calibration.csv
     rollout: {enabled: true, steps: 200, starts: 4, systems: 4, score: false}
                                      # rollout validation at each validation (see
                                      # openmm_cgml.validation): `starts` reference windows
@@ -89,6 +93,8 @@ Outputs in ``--out`` (default: ``runs/<config name>``)::
                          seconds in training steps, excluding validation and
                          checkpoints), cpu_s (process CPU seconds since start)
     loss_curves.png
+    exclusion_calibration.csv  with exclusion_calibration: the rollout validation of best.pt
+                         at each candidate quantile, and which one best.pt keeps
     property_baselines.json  the property head's baselines: {"train": {...}, "val": {...}}
                          each {"zero_residual", "constant_ratio", "ratio", "pairs"}
     checkpoints/step_<N>.pt, checkpoints/last.pt, checkpoints/best.pt (lowest rollout
@@ -178,6 +184,7 @@ class TrainConfig:
     rollout: dict = field(default_factory=dict)
     score_ladder_from_data: list | None = None
     exclusion_quantile: float | None = 1.0e-3
+    exclusion_calibration: list | None = None
     train_max_windows: int | None = None
     property_weight: float = 1.0
     property_hidden_dim: int = 32
@@ -223,6 +230,11 @@ class TrainConfig:
             q = check_value("exclusion_quantile", self.exclusion_quantile, "float")
             require(0 < q < 1, "exclusion_quantile", q, "in (0, 1) or null")
             self.exclusion_quantile = q
+        if self.exclusion_calibration is not None:
+            quantiles = [check_value("exclusion_calibration", v, "float") for v in self.exclusion_calibration]
+            require(bool(quantiles) and all(0 <= q < 1 for q in quantiles), "exclusion_calibration", quantiles,
+                    "a non-empty list of quantiles in [0, 1) (0: no excluded volume) or null")
+            self.exclusion_calibration = quantiles
         self.rollout = {**_ROLLOUT_DEFAULTS, **check_mapping("rollout", self.rollout, _ROLLOUT_KEYS)}
         for key in ("steps", "starts", "systems"):
             require(self.rollout[key] >= (2 if key == "steps" else 1), f"rollout.{key}", self.rollout[key],
@@ -1129,10 +1141,56 @@ class Trainer:
             _write_metrics(self.out / "metrics.csv", self.rows)
             if not (self.out / "checkpoints" / "last.pt").exists():
                 self.save_checkpoint()
+            if self.step >= config.steps and config.exclusion_calibration and self.validator is not None:
+                self.calibrate_exclusion()
         if self.world > 1:
             torch.distributed.barrier()
         return {"step": self.step, "metrics": self.rows, "out": self.out,
                 "checkpoint": self.out / "checkpoints" / "last.pt"}
+
+    def calibrate_exclusion(self, seeds: int = 2) -> dict[str, Any] | None:
+        """Choose best.pt's excluded-volume distance by rollout validation: for each
+        quantile of ``exclusion_calibration`` (0: none), roll out the validation systems
+        (the trainer's rollout settings, ``seeds`` rollout seeds) and keep the quantile with
+        the lowest mean rollout score. Writes ``exclusion_calibration.csv`` and stores the
+        choice in best.pt (what ``cgml export`` carries). Validation systems only: held-out
+        test systems play no part. Done once per run (best.pt records it)."""
+        from openmm_cgml.validation import RolloutValidator
+
+        best = self.out / "checkpoints" / "best.pt"
+        if not best.exists():
+            return None
+        ckpt = load_checkpoint(best)
+        if ckpt.get("exclusion_calibration"):
+            return ckpt["exclusion_calibration"]
+        net = build_models_from_checkpoint(ckpt).eval()
+        rollout = self.config.rollout
+        validators = [RolloutValidator(self.val_set, self.config.dilation, rollout["steps"], rollout["starts"],
+                                       rollout["systems"], self.config.seed + k, False) for k in range(seeds)]
+        rows = []
+        for quantile in self.config.exclusion_calibration:
+            distance = exclusion_distance(self.train_set, quantile) if quantile > 0 else 0.0
+            net.dynamics.exclusion_distance = distance
+            results = [validator.evaluate(net) for validator in validators]
+            row = {"quantile": float(quantile), "distance_nm": distance}
+            row.update({k: float(np.mean([r[k] for r in results])) for k in results[0]})
+            rows.append(row)
+            if self.progress:
+                print(f"exclusion quantile {quantile:g} ({distance:.3f} nm): rollout score "
+                      f"{row['rollout_score']:.4f}, Rg^2 bias {row['rollout_rg2_bias']:+.3f}, relaxation error "
+                      f"{row['rollout_relaxation_error']:+.3f}, collisions {row['rollout_collisions']:.4f} "
+                      f"(reference {row['reference_collisions']:.4f})", flush=True)
+        chosen = min(rows, key=lambda r: r["rollout_score"])
+        with open(self.out / "exclusion_calibration.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) + ["chosen"])
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**row, "chosen": row is chosen})
+        ckpt["exclusion_distance"] = chosen["distance_nm"]
+        ckpt["exclusion_calibration"] = {"chosen_quantile": chosen["quantile"], "rows": rows,
+                                         "seeds": seeds, "rollout": dict(rollout)}
+        _write_atomic(ckpt, best)
+        return ckpt["exclusion_calibration"]
 
     def close(self) -> None:
         """Destroy the process group this trainer created, and wait for gloo's worker

@@ -105,3 +105,36 @@ def test_trainer_picks_best_by_rollout_and_export_takes_it(chain_data_dir, tmp_p
     config = tiny_config(chain_data_dir, steps=10, val_every=5, checkpoint_every=10, rollout={"enabled": False})
     train(config, tmp_path / "nll", progress=False)
     assert load_checkpoint(tmp_path / "nll" / "checkpoints" / "best.pt")["selected_by"] == "val_dynamics"
+
+
+def test_exclusion_distance_is_calibrated_by_rollouts_after_training(chain_data_dir, tmp_path):
+    import json
+
+    from openmm_cgml.export import export_checkpoint
+    from openmm_cgml.train import build_datasets, exclusion_distance
+
+    config = tiny_config(chain_data_dir, steps=10, val_every=10, checkpoint_every=10,
+                         rollout={"steps": 5, "starts": 1}, exclusion_calibration=[0.0, 0.3])
+    train(config, tmp_path / "run", progress=False)
+    with open(tmp_path / "run" / "exclusion_calibration.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["quantile"]) for r in rows] == [0.0, 0.3]
+    chosen = [r for r in rows if r["chosen"] == "True"]
+    assert len(chosen) == 1 and float(chosen[0]["rollout_score"]) == min(float(r["rollout_score"]) for r in rows)
+    train_set, _ = build_datasets(config)
+    assert float(rows[0]["distance_nm"]) == 0.0
+    assert float(rows[1]["distance_nm"]) == pytest.approx(exclusion_distance(train_set, 0.3))
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best["exclusion_distance"] == pytest.approx(float(chosen[0]["distance_nm"]))
+    assert best["exclusion_calibration"]["chosen_quantile"] == float(chosen[0]["quantile"])
+    manifest = json.loads((export_checkpoint(tmp_path / "run", tmp_path / "model", verify=False)
+                           / "simulator.json").read_text())
+    assert manifest["exclusion_distance_nm"] == pytest.approx(best["exclusion_distance"])
+    assert manifest["exclusion_calibration"]["chosen_quantile"] == best["exclusion_calibration"]["chosen_quantile"]
+    # a rerun of the finished run (--resume) keeps the calibration (and does not redo it)
+    written = (tmp_path / "run" / "exclusion_calibration.csv").stat().st_mtime_ns
+    train(config, tmp_path / "run", resume=True, progress=False)
+    again = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert again["exclusion_calibration"]["chosen_quantile"] == best["exclusion_calibration"]["chosen_quantile"]
+    assert again["exclusion_distance"] == best["exclusion_distance"]
+    assert (tmp_path / "run" / "exclusion_calibration.csv").stat().st_mtime_ns == written
