@@ -122,6 +122,7 @@ def main(argv=None) -> int:
                         help="training trajectory length(s), one short-MD baseline each (default 1,500 tau)")
     parser.add_argument("--sl-data", type=Path,
                         help="a data set (e.g. the model's training data) to fit the SL GNN baseline on")
+    parser.add_argument("--chains", nargs="+", help="only these reference chains (keys, e.g. len40/chain_test_000)")
     parser.add_argument("--json", type=Path, help="write all numbers here")
     args = parser.parse_args(argv)
 
@@ -150,7 +151,10 @@ def main(argv=None) -> int:
 
         sl = fit_sl_baseline(learned, args.sl_data)
     rows = []
-    for entry in summary["chains"]:
+    chains = [c for c in summary["chains"] if not args.chains or c["key"] in args.chains]
+    if not chains:
+        sys.exit(f"--chains {args.chains}: none of {[c['key'] for c in summary['chains']]}")
+    for entry in chains:
         ref = entry["cg"][level]
         ref_series = series[f"{entry['key']}/cg{level}"].astype(np.float64)
         record_dt = entry["record_interval_ps"]
