@@ -75,7 +75,7 @@ def chain_spec(entry: dict):
 
 
 def rollout(learned, entry: dict, starts: np.ndarray, steps: int, seed: int, score: bool,
-            exclusion: float | None = None) -> dict:
+            limits: bool = True) -> dict:
     import openmm
     from openmm import app, unit
 
@@ -84,7 +84,8 @@ def rollout(learned, entry: dict, starts: np.ndarray, steps: int, seed: int, sco
 
     built = chain.build(chain_spec(entry))
     cg = learned.coarseGrain(built.topology, starts[-1], masses=np.asarray(entry["masses_amu"]))
-    integrator = learned.createIntegrator(cg, score=score, seed=seed, exclusionDistance=exclusion)
+    off = None if limits else 0.0
+    integrator = learned.createIntegrator(cg, score=score, seed=seed, exclusionDistance=off, bondLengthLimit=off)
     simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName("CPU"))
     frames = np.asarray(cg.mapTrajectory(starts).value_in_unit(unit.nanometer))[-integrator.getSequenceLength():]
     integrator.setHistory(frames)
@@ -103,7 +104,8 @@ def rollout(learned, entry: dict, starts: np.ndarray, steps: int, seed: int, sco
     positions = positions[:done + 1]
     masses = np.asarray(cg.mapping.bead_masses, dtype=np.float64)
     out = {"steps": done, "failure": failure, "seconds": time.perf_counter() - start,
-           "corrections_per_bead_step": integrator.getExclusionCorrections() / max(done * cg.n_beads, 1),
+           "corrections_per_bead_step": (integrator.getExclusionCorrections() + integrator.getBondLimitCorrections())
+           / max(done * cg.n_beads, 1),
            "rg2": analysis.radius_of_gyration_squared(positions, masses), "positions": positions,
            "bonds": np.asarray(cg.bonds)}
     if learned.property_model is not None:  # the fine-level Rg^2 the head predicts (one chain)
@@ -139,11 +141,11 @@ def main(argv=None) -> int:
         sys.exit(f"the model's cg_level {level} is not summarised (have {summary['cg_levels']})")
     level = str(int(level))
     dt = float(learned.manifest["step_size_ps"])
-    # (label, score refinement, steps, exclusion distance override: None = the model's)
-    variants = [("learned", True, args.score_steps, None)] if learned.manifest["files"].get("score") else []
-    variants.append(("learned (no score)", False, args.steps, None))
-    if learned.manifest.get("exclusion_distance_nm", 0.0) > 0:
-        variants.append(("learned (no score, no exclusion)", False, args.steps, 0.0))
+    # (label, score refinement, steps, the model's distance limits on)
+    variants = [("learned", True, args.score_steps, True)] if learned.manifest["files"].get("score") else []
+    variants.append(("learned (no score)", False, args.steps, True))
+    if learned.manifest.get("exclusion_distance_nm", 0.0) > 0 or learned.manifest.get("bond_length_limit_nm", 0.0) > 0:
+        variants.append(("learned (no score, no limits)", False, args.steps, False))
     short_labels = [f"short MD ({tau:,.0f} tau)" for tau in args.train_tau]
     sl = None
     if args.sl_data is not None:
@@ -179,8 +181,8 @@ def main(argv=None) -> int:
             cg = learned.coarseGrain(chain.build(chain_spec(entry)).topology, starts[-1], masses=np.asarray(entry["masses_amu"]))
             graph = FineGraph.from_mapping(cg.mapping)
             row["SL GNN"] = {"rg2_error": sl.predict(graph) / ref["mean"] - 1}
-        for label, score, steps, exclusion in variants:
-            runs = [rollout(learned, entry, starts, steps, seed, score, exclusion) for seed in range(1, args.seeds + 1)]
+        for label, score, steps, limits in variants:
+            runs = [rollout(learned, entry, starts, steps, seed, score, limits) for seed in range(1, args.seeds + 1)]
             per_seed = []
             for run in runs:
                 rg2 = run["rg2"]

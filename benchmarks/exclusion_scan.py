@@ -1,12 +1,14 @@
-"""Which excluded-volume distance? Rollout validation of one checkpoint at several
-exclusion quantiles of the training data (validation systems only: no test data).
+"""Which distance limits? Rollout validation of one checkpoint at several quantiles q of
+the training data: excluded volume at the q quantile of nearest-non-bonded distances,
+bond-length limit at the 1 - q quantile of CG bond lengths (validation systems only: no
+test data; the trainer's ``exclusion_calibration`` does the same for best.pt).
 
     python benchmarks/exclusion_scan.py RUN_DIR_OR_CHECKPOINT [--quantiles 0 1e-3 1e-2]
         [--steps 250] [--starts 8] [--systems 4] [--seeds 2]
 
 Prints, per quantile, the distance and the rollout metrics (Rg^2 bias, relaxation
 error, collisions per bead against the reference's) averaged over rollout seeds, with
-the seed-to-seed spread of the Rg^2 bias. Quantile 0 means no excluded volume.
+the seed-to-seed spread of the Rg^2 bias. Quantile 0 means no limits.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from openmm_cgml.export import run_checkpoint
-    from openmm_cgml.train import TrainConfig, build_datasets, build_models_from_checkpoint, exclusion_distance, \
+    from openmm_cgml.train import TrainConfig, build_datasets, build_models_from_checkpoint, bond_length_limit, \
+        exclusion_distance, \
         load_checkpoint
     from openmm_cgml.validation import RolloutValidator
 
@@ -39,15 +42,16 @@ def main(argv=None) -> int:
     train_set, val_set = build_datasets(config)
     net = build_models_from_checkpoint(ckpt).eval()
     print(f"{path} (step {ckpt['step']}); validation systems: {', '.join(s.name for s in val_set.systems)}")
-    print("| quantile | distance (nm) | Rg2 bias | seed spread | relaxation error | collisions / reference | score |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| quantile | exclusion (nm) | bond limit (nm) | Rg2 bias | seed spread | relaxation error | collisions / reference | score |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for q in args.quantiles:
         net.dynamics.exclusion_distance = exclusion_distance(train_set, q) if q > 0 else 0.0
+        net.dynamics.bond_length_limit = bond_length_limit(train_set, q) if q > 0 else 0.0
         results = [RolloutValidator(val_set, config.dilation, args.steps, args.starts, args.systems, seed).evaluate(net)
                    for seed in range(args.seeds)]
         mean = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
         spread = float(np.std([r["rollout_rg2_bias"] for r in results]))
-        print(f"| {q:g} | {net.dynamics.exclusion_distance:.3f} | {mean['rollout_rg2_bias']:+.1%} | {spread:.1%} | "
+        print(f"| {q:g} | {net.dynamics.exclusion_distance:.3f} | {net.dynamics.bond_length_limit:.3f} | {mean['rollout_rg2_bias']:+.1%} | {spread:.1%} | "
               f"{mean['rollout_relaxation_error']:+.0%} | "
               f"{mean['rollout_collisions'] / max(mean['reference_collisions'], 1e-12):.1f}x | "
               f"{mean['rollout_score']:.3f} |", flush=True)

@@ -9,7 +9,7 @@ trajectories. Its trajectory and the reference are analysed by the same function
 * the long reference MD of that system (ground truth);
 * "short MD": the same reference cut to the training-trajectory length;
 * the learned simulator without score refinement, and without score refinement and
-  excluded volume (ablations of the first model);
+  distance limits (excluded volume, bond-length limit) (ablations of the first model);
 * a supervised GNN that predicts the mean property from the graph (``baselines``);
 * every model directory given (e.g. the ``gns`` and ``et`` backbones).
 
@@ -66,14 +66,15 @@ class CGRun:
 
 def rollout(learned, cg, start_frames: np.ndarray, n_steps: int, *, score: bool = True, seed: int = 1,
             label: str = "learned", platform: str = "CPU", progress: bool = True,
-            dcd_path: str | os.PathLike | None = None, exclusion: float | None = None) -> CGRun:
+            dcd_path: str | os.PathLike | None = None, limits: bool = True) -> CGRun:
     """Run the learned simulator in an ``app.Simulation`` for ``n_steps`` learned steps.
 
     ``start_frames`` [seq_len, N, 3] nm, one model step apart. A failing step (NaN, ...)
     ends the rollout early; the frames before it are kept and the failure is recorded.
-    ``exclusion``: override the model's excluded-volume distance (nm; 0: off).
+    ``limits=False``: without the model's distance limits (excluded volume, bond length).
     """
-    integrator = learned.createIntegrator(cg, score=score, seed=seed, exclusionDistance=exclusion)
+    off = None if limits else 0.0
+    integrator = learned.createIntegrator(cg, score=score, seed=seed, exclusionDistance=off, bondLengthLimit=off)
     simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName(platform))
     integrator.setHistory(start_frames)  # bound: sets the context's positions and velocities too
     if dcd_path is not None:
@@ -267,10 +268,11 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
             runs.append(rollout(learned, cg, start_frames, n_steps, score=False, seed=seed,
                                 label=f"{label} (no score)", progress=progress))
             model_of_run[f"{label} (no score)"] = learned
-        if label == ablation_model and learned.manifest.get("exclusion_distance_nm", 0.0) > 0:
-            plain = f"{label} (no score, no exclusion)" if learned.scorePath is not None else f"{label} (no exclusion)"
+        if label == ablation_model and (learned.manifest.get("exclusion_distance_nm", 0.0) > 0
+                                        or learned.manifest.get("bond_length_limit_nm", 0.0) > 0):
+            plain = f"{label} (no score, no limits)" if learned.scorePath is not None else f"{label} (no limits)"
             runs.append(rollout(learned, cg, start_frames, n_steps, score=False, seed=seed, label=plain,
-                                progress=progress, exclusion=0.0))
+                                progress=progress, limits=False))
             model_of_run[plain] = learned
     # fine-level Rg^2: true (atoms) for the MD runs, the property head's for learned runs
     fine_ref = fine_rg2_series(record.positions[::dilation], mapping)

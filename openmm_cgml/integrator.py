@@ -237,6 +237,21 @@ class CGMLIntegrator(openmm.Integrator):
         was created: how often the learned step alone would have overlapped beads."""
         return self._impl.getExclusionCorrections()
 
+    def setBondLengthLimit(self, limit) -> None:
+        """Bond-length limit: after each step (and its refinement), CG-bonded beads farther
+        apart than ``limit`` (nm, or a length Quantity) are pulled in to exactly that
+        distance, each pair's centre of mass fixed, in the same sweeps as the excluded
+        volume. 0 turns it off. The default is the dynamics model's ``bond_length_limit``
+        attribute (set by training from the data's longest CG bonds), else 0."""
+        self._impl.setBondLengthLimit(_in_units(limit, unit.nanometer, "the bond-length limit"))
+
+    def getBondLengthLimit(self) -> unit.Quantity:
+        return self._impl.getBondLengthLimit() * unit.nanometer
+
+    def getBondLimitCorrections(self) -> int:
+        """CG bonds shortened by the bond-length limit since the integrator was created."""
+        return self._impl.getBondLimitCorrections()
+
     def setUsesPeriodicBoundaryConditions(self, periodic: bool | None) -> None:
         """Whether the models see the periodic box. None (default) follows
         ``System.usesPeriodicBoundaryConditions()``; a CG System without forces reports

@@ -478,11 +478,13 @@ class LearnedSimulator:
     # -- integrator -------------------------------------------------------------------------
     def createIntegrator(self, cg: CGSystem, score: bool = True, deterministic: bool = False,
                          seed: int = 0, langevinSteps: int | None = None,
-                         langevinStepSize: float | None = None, exclusionDistance=None):
+                         langevinStepSize: float | None = None, exclusionDistance=None,
+                         bondLengthLimit=None):
         """A :class:`~openmm_cgml.CGMLIntegrator` for ``cg`` (bead features, CG bonds and
         periodicity set). ``score=False`` runs without refinement; ``exclusionDistance``
-        (nm or a length Quantity; 0 turns it off) overrides the model's excluded volume
-        (its ``exclusion_distance_nm``, from the training data)."""
+        and ``bondLengthLimit`` (nm or length Quantities; 0 turns them off) override the
+        model's distance limits (its ``exclusion_distance_nm`` / ``bond_length_limit_nm``,
+        from the training data)."""
         from openmm_cgml.integrator import CGMLIntegrator
 
         if bool(cg.periodic) != self.periodic or (cg.periodic and (cg.box is None or not np.any(cg.box))):
@@ -502,6 +504,8 @@ class LearnedSimulator:
             integrator.setLangevinStepSize(langevinStepSize)
         if exclusionDistance is not None:
             integrator.setExclusionDistance(exclusionDistance)
+        if bondLengthLimit is not None:
+            integrator.setBondLengthLimit(bondLengthLimit)
         return integrator
 
     def __repr__(self):
@@ -510,4 +514,5 @@ class LearnedSimulator:
                 f"step={m['step_size_ps']} ps cg_level={m['cg']['cg_level']} "
                 f"score={'yes' if m['files'].get('score') else 'no'} "
                 f"exclusion={m.get('exclusion_distance_nm', 0.0):.3g} nm "
+                f"bond_limit={m.get('bond_length_limit_nm', 0.0):.3g} nm "
                 f"property={'yes' if m['files'].get('property') else 'no'}>")

@@ -41,10 +41,15 @@ pass a preset name such as ``chain-demo`` instead of a path)::
                                      # beads apart to it after each step) is this quantile
                                      # of the training data's nearest-non-bonded-bead
                                      # distances; null: no excluded volume
-    exclusion_calibration: null      # e.g. [0, 1.0e-3, 1.0e-2, 3.0e-2]: after training, best.pt's
-                                     # distance is re-chosen among these quantiles (0: none)
-                                     # by rollout validation (2 rollout seeds); the table is
-                                     # written to exclusion_calibration.csv
+    bond_limit_quantile: 1.0e-3      # the bond-length limit (CG bonds longer are pulled in
+                                     # after each step) is the (1 - this) quantile of the
+                                     # training data's CG bond lengths; null: no limit
+    exclusion_calibration: null      # e.g. [0, 1.0e-3, 1.0e-2, 3.0e-2]: after training, the
+                                     # exported checkpoint (best.pt or one of the second
+                                     # half's step checkpoints) and its limits (each q sets
+                                     # exclusion_quantile = bond_limit_quantile = q; 0: no
+                                     # limits) are chosen together by rollout validation
+                                     # (2 rollout seeds); table: exclusion_calibration.csv
     rollout: {enabled: true, steps: 200, starts: 4, systems: 4, score: false}
                                      # rollout validation at each validation (see
                                      # openmm_cgml.validation): `starts` reference windows
@@ -93,8 +98,8 @@ Outputs in ``--out`` (default: ``runs/<config name>``)::
                          seconds in training steps, excluding validation and
                          checkpoints), cpu_s (process CPU seconds since start)
     loss_curves.png
-    exclusion_calibration.csv  with exclusion_calibration: the rollout validation of best.pt
-                         at each candidate quantile, and which one best.pt keeps
+    exclusion_calibration.csv  with exclusion_calibration: the rollout validation of each
+                         candidate checkpoint at each quantile, and the pair best.pt keeps
     property_baselines.json  the property head's baselines: {"train": {...}, "val": {...}}
                          each {"zero_residual", "constant_ratio", "ratio", "pairs"}
     checkpoints/step_<N>.pt, checkpoints/last.pt, checkpoints/best.pt (lowest rollout
@@ -184,6 +189,7 @@ class TrainConfig:
     rollout: dict = field(default_factory=dict)
     score_ladder_from_data: list | None = None
     exclusion_quantile: float | None = 1.0e-3
+    bond_limit_quantile: float | None = 1.0e-3
     exclusion_calibration: list | None = None
     train_max_windows: int | None = None
     property_weight: float = 1.0
@@ -230,6 +236,10 @@ class TrainConfig:
             q = check_value("exclusion_quantile", self.exclusion_quantile, "float")
             require(0 < q < 1, "exclusion_quantile", q, "in (0, 1) or null")
             self.exclusion_quantile = q
+        if self.bond_limit_quantile is not None:
+            q = check_value("bond_limit_quantile", self.bond_limit_quantile, "float")
+            require(0 < q < 1, "bond_limit_quantile", q, "in (0, 1) or null")
+            self.bond_limit_quantile = q
         if self.exclusion_calibration is not None:
             quantiles = [check_value("exclusion_calibration", v, "float") for v in self.exclusion_calibration]
             require(bool(quantiles) and all(0 <= q < 1 for q in quantiles), "exclusion_calibration", quantiles,
@@ -521,6 +531,27 @@ def exclusion_distance(dataset, quantile: float | None, max_frames: int = 200) -
     return float(np.quantile(pooled, quantile)) if pooled.size else 0.0
 
 
+def bond_length_limit(dataset, quantile: float | None, max_frames: int = 200) -> float:
+    """The bond-length limit (nm) learned from data: the (1 - ``quantile``) quantile of
+    the CG bond lengths pooled over at most ``max_frames`` evenly spaced frames of each
+    training trajectory (0.0 for None or without CG bonds). Learned rollouts whose bonds
+    outgrow the data's range are out of distribution, and the model does not pull them
+    back: on the pretrained chain data, bonds of a swelling rollout reached 40 nm
+    against at most ~5 nm in MD."""
+    if quantile is None:
+        return 0.0
+    pooled = []
+    for trajectory, graph in zip(dataset.trajectories, dataset.systems):
+        bonds = np.asarray(graph.cg_bonds).reshape(-1, 2)
+        if not len(bonds):
+            continue
+        frames = np.unique(np.linspace(0, trajectory.n_frames - 1, min(max_frames, trajectory.n_frames)).astype(int))
+        x = trajectory.positions[frames].astype(np.float64)
+        pooled.append(np.linalg.norm(x[:, bonds[:, 1]] - x[:, bonds[:, 0]], axis=-1).ravel())
+    pooled = np.concatenate(pooled) if pooled else np.empty(0)
+    return float(np.quantile(pooled, 1.0 - quantile)) if pooled.size else 0.0
+
+
 def _evenly_spaced(n: int, limit: int | None) -> list[int]:
     if limit is None or n <= limit:
         return list(range(n))
@@ -627,6 +658,7 @@ def build_models_from_checkpoint(ckpt: dict[str, Any]) -> CGMLNet:
     net.embedding.load_state_dict(ckpt["embedding"])
     net.dynamics.load_state_dict(ckpt["dynamics"])
     net.dynamics.exclusion_distance = float(ckpt.get("exclusion_distance", 0.0))
+    net.dynamics.bond_length_limit = float(ckpt.get("bond_length_limit", 0.0))
     if net.score is not None:
         net.score.load_state_dict(ckpt["score"])
     if net.property is not None:
@@ -801,9 +833,11 @@ class Trainer:
                                             feature_mean, feature_std)
         self.property_baselines = self._setup_property(feature_mean, feature_std)
         self.net.dynamics.exclusion_distance = exclusion_distance(self.train_set, config.exclusion_quantile)
-        if self.rank == 0 and self.progress and config.exclusion_quantile is not None:
-            print(f"excluded volume: {self.net.dynamics.exclusion_distance:.4g} nm (quantile "
-                  f"{config.exclusion_quantile:g} of the training data's nearest non-bonded distances)")
+        self.net.dynamics.bond_length_limit = bond_length_limit(self.train_set, config.bond_limit_quantile)
+        if self.rank == 0 and self.progress:
+            print(f"distance limits from the training data: excluded volume "
+                  f"{self.net.dynamics.exclusion_distance:.4g} nm, bond-length limit "
+                  f"{self.net.dynamics.bond_length_limit:.4g} nm (0: off)")
         if self.net.score is not None:
             self.net.score.set_normalization(self.stats["mass_mean"], self.stats["mass_std"])
         self.augment_rotations = (config.augment_rotations if config.augment_rotations is not None
@@ -876,6 +910,7 @@ class Trainer:
             "periodic": bool(self.periodic),
             "data_statistics": dict(self.stats),
             "exclusion_distance": float(self.net.dynamics.exclusion_distance),
+            "bond_length_limit": float(self.net.dynamics.bond_length_limit),
             "train_systems": [s.name for s in self.train_set.systems],
             "val_systems": [s.name for s in self.val_set.systems],
             "embedding": self.net.embedding.state_dict(),
@@ -1149,46 +1184,71 @@ class Trainer:
                 "checkpoint": self.out / "checkpoints" / "last.pt"}
 
     def calibrate_exclusion(self, seeds: int = 2) -> dict[str, Any] | None:
-        """Choose best.pt's excluded-volume distance by rollout validation: for each
-        quantile of ``exclusion_calibration`` (0: none), roll out the validation systems
-        (the trainer's rollout settings, ``seeds`` rollout seeds) and keep the quantile with
-        the lowest mean rollout score. Writes ``exclusion_calibration.csv`` and stores the
-        choice in best.pt (what ``cgml export`` carries). Validation systems only: held-out
-        test systems play no part. Done once per run (best.pt records it)."""
+        """Choose the exported model and its distance limits together, by rollout
+        validation with the limits on: candidates are best.pt and every step checkpoint of
+        the second half of training; each is rolled out (the trainer's rollout settings,
+        ``seeds`` rollout seeds) at each quantile q of ``exclusion_calibration`` (excluded
+        volume at the q quantile of nearest-non-bonded distances, bond-length limit at the
+        1 - q quantile of CG bond lengths; 0: neither). The pair with the lowest mean
+        rollout score becomes best.pt (what ``cgml export`` exports), with its limits; the
+        table goes to ``exclusion_calibration.csv``. Validation systems only: held-out
+        test systems play no part. Done once per run (best.pt records it).
+
+        Why not only during training: selection there runs with the initial limits, and
+        the limits change which checkpoint rolls out best (a checkpoint whose chains
+        swelled by +413 % without a bond-length limit came to -34 % with one).
+        """
+        import re
+
         from openmm_cgml.validation import RolloutValidator
 
-        best = self.out / "checkpoints" / "best.pt"
+        directory = self.out / "checkpoints"
+        best = directory / "best.pt"
         if not best.exists():
             return None
-        ckpt = load_checkpoint(best)
-        if ckpt.get("exclusion_calibration"):
-            return ckpt["exclusion_calibration"]
-        net = build_models_from_checkpoint(ckpt).eval()
+        best_ckpt = load_checkpoint(best)
+        if best_ckpt.get("exclusion_calibration"):
+            return best_ckpt["exclusion_calibration"]
+        candidates = {int(best_ckpt["step"]): best}
+        for path in directory.glob("step_*.pt"):
+            match = re.fullmatch(r"step_(\d+)\.pt", path.name)
+            if match and int(match.group(1)) >= self.config.steps // 2:
+                candidates.setdefault(int(match.group(1)), path)
         rollout = self.config.rollout
         validators = [RolloutValidator(self.val_set, self.config.dilation, rollout["steps"], rollout["starts"],
                                        rollout["systems"], self.config.seed + k, False) for k in range(seeds)]
-        rows = []
+        limits = {}
         for quantile in self.config.exclusion_calibration:
-            distance = exclusion_distance(self.train_set, quantile) if quantile > 0 else 0.0
-            net.dynamics.exclusion_distance = distance
-            results = [validator.evaluate(net) for validator in validators]
-            row = {"quantile": float(quantile), "distance_nm": distance}
-            row.update({k: float(np.mean([r[k] for r in results])) for k in results[0]})
-            rows.append(row)
-            if self.progress:
-                print(f"exclusion quantile {quantile:g} ({distance:.3f} nm): rollout score "
-                      f"{row['rollout_score']:.4f}, Rg^2 bias {row['rollout_rg2_bias']:+.3f}, relaxation error "
-                      f"{row['rollout_relaxation_error']:+.3f}, collisions {row['rollout_collisions']:.4f} "
-                      f"(reference {row['reference_collisions']:.4f})", flush=True)
+            limits[quantile] = ((exclusion_distance(self.train_set, quantile), bond_length_limit(self.train_set, quantile))
+                                if quantile > 0 else (0.0, 0.0))
+        rows = []
+        for step in sorted(candidates):
+            net = build_models_from_checkpoint(load_checkpoint(candidates[step])).eval()
+            for quantile, (distance, limit) in limits.items():
+                net.dynamics.exclusion_distance, net.dynamics.bond_length_limit = distance, limit
+                results = [validator.evaluate(net) for validator in validators]
+                row = {"step": step, "quantile": float(quantile), "distance_nm": distance, "bond_limit_nm": limit}
+                row.update({k: float(np.mean([r[k] for r in results])) for k in results[0]})
+                rows.append(row)
+                if self.progress:
+                    print(f"step {step}, limits quantile {quantile:g} (exclusion {distance:.3f} nm, bonds <= "
+                          f"{limit:.3f} nm): score {row['rollout_score']:.4f}, Rg^2 bias "
+                          f"{row['rollout_rg2_bias']:+.3f}, relaxation error {row['rollout_relaxation_error']:+.3f}, "
+                          f"collisions {row['rollout_collisions']:.4f} (reference {row['reference_collisions']:.4f})",
+                          flush=True)
         chosen = min(rows, key=lambda r: r["rollout_score"])
         with open(self.out / "exclusion_calibration.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]) + ["chosen"])
             writer.writeheader()
             for row in rows:
                 writer.writerow({**row, "chosen": row is chosen})
+        ckpt = load_checkpoint(candidates[chosen["step"]])
         ckpt["exclusion_distance"] = chosen["distance_nm"]
-        ckpt["exclusion_calibration"] = {"chosen_quantile": chosen["quantile"], "rows": rows,
-                                         "seeds": seeds, "rollout": dict(rollout)}
+        ckpt["bond_length_limit"] = chosen["bond_limit_nm"]
+        ckpt["exclusion_calibration"] = {"chosen_step": chosen["step"], "chosen_quantile": chosen["quantile"],
+                                         "rows": rows, "seeds": seeds, "rollout": dict(rollout)}
+        ckpt["metrics"] = {**ckpt.get("metrics", {}), **{f"val_{k}": v for k, v in chosen.items()
+                                                         if k.startswith("rollout_") or k == "reference_collisions"}}
         _write_atomic(ckpt, best)
         return ckpt["exclusion_calibration"]
 

@@ -121,6 +121,9 @@ PYBIND11_MODULE(_cgml, m) {
         .def("getExclusionDistance", &CGMLIntegrator::getExclusionDistance)
         .def("setExclusionDistance", &CGMLIntegrator::setExclusionDistance)
         .def("getExclusionCorrections", &CGMLIntegrator::getExclusionCorrections)
+        .def("getBondLengthLimit", &CGMLIntegrator::getBondLengthLimit)
+        .def("setBondLengthLimit", &CGMLIntegrator::setBondLengthLimit)
+        .def("getBondLimitCorrections", &CGMLIntegrator::getBondLimitCorrections)
         .def("getPeriodicMode", &CGMLIntegrator::getPeriodicMode)
         .def("setPeriodicMode", &CGMLIntegrator::setPeriodicMode)
         .def("serialize",

@@ -12,7 +12,7 @@ import pytest
 from openmm import app, unit
 
 from openmm_cgml import CGMLIntegrator
-from toy_models import ExcludingDynamics, HarmonicDynamics, save
+from toy_models import ExcludingDynamics, HarmonicDynamics, LimitedDynamics, save
 
 
 def still_model(tmp_path, **kwargs):
@@ -160,3 +160,29 @@ def test_training_learns_the_distance_from_data_and_the_export_carries_it(export
     cg = learned.coarseGrain(record)
     assert learned.createIntegrator(cg).getExclusionDistance().value_in_unit(unit.nanometer) == pytest.approx(distance)
     assert learned.createIntegrator(cg, exclusionDistance=0).getExclusionDistance() == 0 * unit.nanometer
+
+
+def test_bond_length_limit_pulls_stretched_bonds_in_mass_weighted(tmp_path):
+    integrator = CGMLIntegrator(still_model(tmp_path))
+    assert integrator.getBondLengthLimit() == 0 * unit.nanometer
+    integrator.setBondLengthLimit(1.0 * unit.nanometer)
+    x0 = np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    masses = [3.0, 1.0, 1.0]
+    x, _ = run_one_step(integrator, x0, masses, bonds=[[0, 1]])  # bead 2 is not bonded: left alone
+    np.testing.assert_allclose(x[0], [0.25, 0, 0], atol=1e-12)  # the heavy bead moves a quarter of 1.0
+    np.testing.assert_allclose(x[1], [1.25, 0, 0], atol=1e-12)
+    np.testing.assert_array_equal(x[2], x0[2])
+    assert integrator.getBondLimitCorrections() == 1 and integrator.getExclusionCorrections() == 0
+    with pytest.raises(ValueError, match="bond-length limit must be >= 0"):
+        integrator.setBondLengthLimit(-1.0)
+
+
+def test_bond_length_limit_default_from_the_model_and_xml(tmp_path):
+    integrator = CGMLIntegrator(save(LimitedDynamics(4.5, k=0.0, seq_len=2), tmp_path / "limited.pt"))
+    assert integrator.getBondLengthLimit().value_in_unit(unit.nanometer) == pytest.approx(4.5)
+    integrator.setBondLengthLimit(3.0)
+    xml = openmm.XmlSerializer.serialize(integrator)
+    assert CGMLIntegrator.deserialize(xml).getBondLengthLimit().value_in_unit(unit.nanometer) == pytest.approx(3.0)
+    old = re.sub(r' (bondLengthLimit|exclusionDistance)="[^"]*"', "", xml, count=2)
+    old = re.sub(r'(<Integrator [^>]*)version="3"', r'\1version="2"', old, count=1)
+    assert CGMLIntegrator.deserialize(old).getBondLengthLimit().value_in_unit(unit.nanometer) == pytest.approx(4.5)

@@ -107,34 +107,42 @@ def test_trainer_picks_best_by_rollout_and_export_takes_it(chain_data_dir, tmp_p
     assert load_checkpoint(tmp_path / "nll" / "checkpoints" / "best.pt")["selected_by"] == "val_dynamics"
 
 
-def test_exclusion_distance_is_calibrated_by_rollouts_after_training(chain_data_dir, tmp_path):
+def test_checkpoint_and_distance_limits_are_chosen_by_rollouts_after_training(chain_data_dir, tmp_path):
     import json
 
     from openmm_cgml.export import export_checkpoint
-    from openmm_cgml.train import build_datasets, exclusion_distance
+    from openmm_cgml.train import bond_length_limit, build_datasets, exclusion_distance
 
-    config = tiny_config(chain_data_dir, steps=10, val_every=10, checkpoint_every=10,
+    config = tiny_config(chain_data_dir, steps=10, val_every=5, checkpoint_every=5,
                          rollout={"steps": 5, "starts": 1}, exclusion_calibration=[0.0, 0.3])
     train(config, tmp_path / "run", progress=False)
     with open(tmp_path / "run" / "exclusion_calibration.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [float(r["quantile"]) for r in rows] == [0.0, 0.3]
+    # candidates: best.pt and the step checkpoints of the second half (steps 5 and 10)
+    assert sorted({int(r["step"]) for r in rows}) == [5, 10]
+    assert {float(r["quantile"]) for r in rows} == {0.0, 0.3}
     chosen = [r for r in rows if r["chosen"] == "True"]
     assert len(chosen) == 1 and float(chosen[0]["rollout_score"]) == min(float(r["rollout_score"]) for r in rows)
     train_set, _ = build_datasets(config)
-    assert float(rows[0]["distance_nm"]) == 0.0
-    assert float(rows[1]["distance_nm"]) == pytest.approx(exclusion_distance(train_set, 0.3))
+    off = [r for r in rows if float(r["quantile"]) == 0.0][0]
+    on = [r for r in rows if float(r["quantile"]) == 0.3][0]
+    assert float(off["distance_nm"]) == 0.0 and float(off["bond_limit_nm"]) == 0.0
+    assert float(on["distance_nm"]) == pytest.approx(exclusion_distance(train_set, 0.3))
+    assert float(on["bond_limit_nm"]) == pytest.approx(bond_length_limit(train_set, 0.3))
     best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best["step"] == int(chosen[0]["step"])
     assert best["exclusion_distance"] == pytest.approx(float(chosen[0]["distance_nm"]))
-    assert best["exclusion_calibration"]["chosen_quantile"] == float(chosen[0]["quantile"])
+    assert best["bond_length_limit"] == pytest.approx(float(chosen[0]["bond_limit_nm"]))
+    assert best["metrics"]["val_rollout_score"] == pytest.approx(float(chosen[0]["rollout_score"]))
     manifest = json.loads((export_checkpoint(tmp_path / "run", tmp_path / "model", verify=False)
                            / "simulator.json").read_text())
     assert manifest["exclusion_distance_nm"] == pytest.approx(best["exclusion_distance"])
-    assert manifest["exclusion_calibration"]["chosen_quantile"] == best["exclusion_calibration"]["chosen_quantile"]
-    # a rerun of the finished run (--resume) keeps the calibration (and does not redo it)
+    assert manifest["bond_length_limit_nm"] == pytest.approx(best["bond_length_limit"])
+    assert manifest["checkpoint"]["step"] == best["step"]
+    # a rerun of the finished run (--resume) keeps the choice (and does not redo it)
     written = (tmp_path / "run" / "exclusion_calibration.csv").stat().st_mtime_ns
     train(config, tmp_path / "run", resume=True, progress=False)
     again = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
-    assert again["exclusion_calibration"]["chosen_quantile"] == best["exclusion_calibration"]["chosen_quantile"]
+    assert again["exclusion_calibration"]["chosen_step"] == best["exclusion_calibration"]["chosen_step"]
     assert again["exclusion_distance"] == best["exclusion_distance"]
     assert (tmp_path / "run" / "exclusion_calibration.csv").stat().st_mtime_ns == written

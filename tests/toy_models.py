@@ -109,3 +109,13 @@ class ExcludingDynamics(HarmonicDynamics):
     def __init__(self, exclusion_distance: float, **kwargs):
         super().__init__(**kwargs)
         self.exclusion_distance = exclusion_distance
+
+
+class LimitedDynamics(HarmonicDynamics):
+    """HarmonicDynamics declaring the optional contract attribute bond_length_limit (nm)."""
+
+    bond_length_limit: float
+
+    def __init__(self, bond_length_limit: float, **kwargs):
+        super().__init__(**kwargs)
+        self.bond_length_limit = bond_length_limit

@@ -81,13 +81,15 @@ class DynamicsBase(nn.Module):
     velocities, ``acceleration_scale`` converts network units to nm/step^2,
     ``feature_shift``/``feature_scale`` standardise the bead features.
 
-    ``exclusion_distance`` (nm, contract attribute; 0: none) is the integrator's default
-    excluded volume: the trainer sets it from the training data's closest approach of
-    non-bonded beads (``TrainConfig.exclusion_quantile``)."""
+    ``exclusion_distance`` and ``bond_length_limit`` (nm, contract attributes; 0: none)
+    are the integrator's default distance limits: the trainer sets them from the training
+    data's closest approach of non-bonded beads and longest CG bonds
+    (``TrainConfig.exclusion_quantile`` / ``bond_limit_quantile``)."""
 
     seq_len: int
     step_size_ps: float
     exclusion_distance: float
+    bond_length_limit: float
     num_features: int
     latent_dim: int
     min_std: float
@@ -103,6 +105,7 @@ class DynamicsBase(nn.Module):
         self.seq_len = int(seq_len)
         self.step_size_ps = float(step_size_ps)
         self.exclusion_distance = 0.0
+        self.bond_length_limit = 0.0
         self.num_features = int(num_features)
         self.latent_dim = int(latent_dim)
         self.min_std = float(min_std)

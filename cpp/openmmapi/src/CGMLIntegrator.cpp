@@ -36,6 +36,7 @@ CGMLIntegrator::CGMLIntegrator(const std::string& dynamicsModel, const std::stri
     langevinStepSize = learnedStep->getDefaultLangevinStepSize();
     langevinSchedule = (int) learnedStep->getDefaultLangevinSchedule();
     exclusionDistance = learnedStep->getDefaultExclusionDistance();
+    bondLengthLimit = learnedStep->getDefaultBondLengthLimit();
     setStepSize(stepSize > 0 ? stepSize : learnedStep->getModelStepSize());
 }
 
@@ -233,6 +234,16 @@ void CGMLIntegrator::setExclusionDistance(double distance) {
 
 long long CGMLIntegrator::getExclusionCorrections() const {
     return learnedStep->getExclusionCorrections();
+}
+
+void CGMLIntegrator::setBondLengthLimit(double limit) {
+    if (!(limit >= 0) || !std::isfinite(limit))
+        throw std::invalid_argument("the bond-length limit must be >= 0 and finite (nm)");
+    bondLengthLimit = limit;
+}
+
+long long CGMLIntegrator::getBondLimitCorrections() const {
+    return learnedStep->getBondLimitCorrections();
 }
 
 std::vector<double> CGMLIntegrator::getSigmas() const {

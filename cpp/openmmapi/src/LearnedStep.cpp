@@ -187,7 +187,7 @@ const char checkpointMagic[8] = {'C', 'G', 'M', 'L', 'C', 'K', 'P', '1'};
 LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& scoreBytes)
     : hasScore(!scoreBytes.empty()), defaultLangevinSteps(0), defaultLangevinStepSize(0.0),
       defaultLangevinSchedule(LangevinSchedule::Constant), expectedFeatures(-1), defaultExclusionDistance(0.0),
-      exclusionCorrections(0),
+      defaultBondLengthLimit(0.0), exclusionCorrections(0), bondLimitCorrections(0),
       generator(at::make_generator<at::CPUGeneratorImpl>(0)) {
     dynamics = loadArchive(dynamicsBytes, "dynamics");
     seqLen = requireInt(dynamics, "dynamics", "seq_len");
@@ -205,6 +205,11 @@ LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& sc
         defaultExclusionDistance = requireDouble(dynamics, "dynamics", "exclusion_distance");
         if (!(defaultExclusionDistance >= 0) || !std::isfinite(defaultExclusionDistance))
             throw std::invalid_argument("the dynamics model's attribute 'exclusion_distance' must be >= 0 and finite (nm)");
+    }
+    if (dynamics.hasattr("bond_length_limit")) {  // optional: absent means no limit
+        defaultBondLengthLimit = requireDouble(dynamics, "dynamics", "bond_length_limit");
+        if (!(defaultBondLengthLimit >= 0) || !std::isfinite(defaultBondLengthLimit))
+            throw std::invalid_argument("the dynamics model's attribute 'bond_length_limit' must be >= 0 and finite (nm)");
     }
     if (!dynamics.find_method("forward"))
         throw std::invalid_argument("the dynamics model has no forward method");
@@ -405,8 +410,8 @@ torch::Tensor LearnedStep::predict(const torch::Tensor& box, const Options& opti
             throw OpenMMException("step " + std::to_string(stepNumber) +
                                   ": the score refinement produced a non-finite position; the context keeps its last good state");
     }
-    if (options.exclusionDistance > 0)
-        resolveOverlaps(x, box, options.exclusionDistance, options.masses);
+    if (options.exclusionDistance > 0 || options.bondLengthLimit > 0)
+        enforceDistanceLimits(x, box, options.exclusionDistance, options.bondLengthLimit, options.masses);
     return x;
 }
 
@@ -422,10 +427,10 @@ OpenMM::Vec3 minimumImage(OpenMM::Vec3 d, const OpenMM::Vec3* box) {
 
 } // namespace
 
-int LearnedStep::resolveOverlaps(torch::Tensor& x, const torch::Tensor& box, double distance,
-                                 const std::vector<double>* masses) {
+int LearnedStep::enforceDistanceLimits(torch::Tensor& x, const torch::Tensor& box, double distance,
+                                       double bondLimit, const std::vector<double>* masses) {
     const int64_t n = x.size(0);
-    if (n < 2 || !(distance > 0))
+    if (n < 2 || !(distance > 0 || bondLimit > 0))
         return 0;
     torch::Tensor boxVectors = box.to(torch::kFloat64).contiguous();
     const double* b = boxVectors.data_ptr<double>();
@@ -433,7 +438,7 @@ int LearnedStep::resolveOverlaps(torch::Tensor& x, const torch::Tensor& box, dou
     for (int i = 0; i < 3; i++)
         periodicBox[i] = OpenMM::Vec3(b[3 * i], b[3 * i + 1], b[3 * i + 2]);
     const bool periodic = periodicBox[0][0] > 0 && periodicBox[1][1] > 0 && periodicBox[2][2] > 0;
-    if (periodic && 2 * distance > std::min(periodicBox[0][0], std::min(periodicBox[1][1], periodicBox[2][2])))
+    if (periodic && distance > 0 && 2 * distance > std::min(periodicBox[0][0], std::min(periodicBox[1][1], periodicBox[2][2])))
         throw OpenMMException("the exclusion distance (" + std::to_string(distance) +
                               " nm) is more than half the periodic box width");
     if ((int64_t) bondExclusions.size() != n) {
@@ -453,48 +458,70 @@ int LearnedStep::resolveOverlaps(torch::Tensor& x, const torch::Tensor& box, dou
 
     x = x.contiguous();
     double* px = x.data_ptr<double>();
+    torch::Tensor bondPairs = bonds.to(torch::kInt64).contiguous();
+    const int64_t* bp = bondPairs.data_ptr<int64_t>();
+    // move the pair (i, j) so that |x_j - x_i| becomes `target`, along d = x_j - x_i (length r)
+    auto setDistance = [&](int64_t i, int64_t j, const OpenMM::Vec3& d, double r, double target) {
+        const double wi = inverseMass[i], wj = inverseMass[j];
+        if (wi + wj == 0)
+            return false;
+        // coincident beads: a fixed direction keeps the step deterministic
+        const OpenMM::Vec3 unit = r > 1e-12 * target ? d / r : OpenMM::Vec3(1, 0, 0);
+        const OpenMM::Vec3 shift = unit * (target - r);
+        for (int k = 0; k < 3; k++) {
+            px[3 * i + k] -= shift[k] * wi / (wi + wj);
+            px[3 * j + k] += shift[k] * wj / (wi + wj);
+        }
+        return true;
+    };
+    auto separation = [&](int64_t i, int64_t j) {
+        OpenMM::Vec3 d(px[3 * j] - px[3 * i], px[3 * j + 1] - px[3 * i + 1], px[3 * j + 2] - px[3 * i + 2]);
+        return periodic ? minimumImage(d, periodicBox) : d;
+    };
     std::vector<OpenMM::Vec3> wrapped(n);
     OpenMM::NeighborList pairs;
-    int corrections = 0;
+    int excluded = 0, shortened = 0;
     for (int sweep = 0; sweep < maxExclusionSweeps; sweep++) {
-        for (int64_t i = 0; i < n; i++) {
-            OpenMM::Vec3 r(px[3 * i], px[3 * i + 1], px[3 * i + 2]);
-            if (periodic) {  // the voxel hash wants positions inside the box
-                r -= periodicBox[2] * std::floor(r[2] / periodicBox[2][2]);
-                r -= periodicBox[1] * std::floor(r[1] / periodicBox[1][1]);
-                r -= periodicBox[0] * std::floor(r[0] / periodicBox[0][0]);
-            }
-            wrapped[i] = r;
-        }
-        OpenMM::computeNeighborListVoxelHash(pairs, (int) n, wrapped, bondExclusions, periodicBox, periodic, distance);
         int moved = 0;
-        for (const OpenMM::AtomPair& pair : pairs) {
-            double* xi = px + 3 * pair.first;
-            double* xj = px + 3 * pair.second;
-            OpenMM::Vec3 d(xj[0] - xi[0], xj[1] - xi[1], xj[2] - xi[2]);
-            if (periodic)
-                d = minimumImage(d, periodicBox);
-            const double r = std::sqrt(d.dot(d));
-            if (r >= distance * (1 - 1e-9))
-                continue;  // separated by an earlier correction of this sweep (or round-off from one)
-            // coincident beads: a fixed direction keeps the step deterministic
-            const OpenMM::Vec3 unit = r > 1e-12 * distance ? d / r : OpenMM::Vec3(1, 0, 0);
-            const double wi = inverseMass[pair.first], wj = inverseMass[pair.second];
-            if (wi + wj == 0)
-                continue;
-            const OpenMM::Vec3 shift = unit * (distance - r);
-            for (int k = 0; k < 3; k++) {
-                xi[k] -= shift[k] * wi / (wi + wj);
-                xj[k] += shift[k] * wj / (wi + wj);
+        if (distance > 0) {
+            for (int64_t i = 0; i < n; i++) {
+                OpenMM::Vec3 r(px[3 * i], px[3 * i + 1], px[3 * i + 2]);
+                if (periodic) {  // the voxel hash wants positions inside the box
+                    r -= periodicBox[2] * std::floor(r[2] / periodicBox[2][2]);
+                    r -= periodicBox[1] * std::floor(r[1] / periodicBox[1][1]);
+                    r -= periodicBox[0] * std::floor(r[0] / periodicBox[0][0]);
+                }
+                wrapped[i] = r;
             }
-            moved++;
+            OpenMM::computeNeighborListVoxelHash(pairs, (int) n, wrapped, bondExclusions, periodicBox, periodic, distance);
+            for (const OpenMM::AtomPair& pair : pairs) {
+                const OpenMM::Vec3 d = separation(pair.first, pair.second);
+                const double r = std::sqrt(d.dot(d));
+                // separated by an earlier correction of this sweep (or round-off from one)
+                if (r < distance * (1 - 1e-9) && setDistance(pair.first, pair.second, d, r, distance)) {
+                    moved++;
+                    excluded++;
+                }
+            }
         }
-        corrections += moved;
+        if (bondLimit > 0)
+            for (int64_t e = 0; e < bondPairs.size(0); e++) {
+                const int64_t i = bp[2 * e], j = bp[2 * e + 1];
+                if (i < 0 || i >= n || j < 0 || j >= n || i == j)
+                    continue;
+                const OpenMM::Vec3 d = separation(i, j);
+                const double r = std::sqrt(d.dot(d));
+                if (r > bondLimit * (1 + 1e-9) && setDistance(i, j, d, r, bondLimit)) {
+                    moved++;
+                    shortened++;
+                }
+            }
         if (moved == 0)
             break;
     }
-    exclusionCorrections += corrections;
-    return corrections;
+    exclusionCorrections += excluded;
+    bondLimitCorrections += shortened;
+    return excluded + shortened;
 }
 
 void LearnedStep::push(const torch::Tensor& x) {

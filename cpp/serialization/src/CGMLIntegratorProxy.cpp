@@ -14,7 +14,8 @@ using namespace CGML;
 using namespace OpenMM;
 
 // Version 2 added langevinSchedule; version 1 XML (without it) loads with the constant
-// schedule, the only one its writer knew.
+// schedule, the only one its writer knew. Version 3 added exclusionDistance and
+// bondLengthLimit; older XML keeps the dynamics model's defaults for them.
 static const int formatVersion = 3;
 
 CGMLIntegratorProxy::CGMLIntegratorProxy() : SerializationProxy("CGMLIntegrator") {
@@ -32,6 +33,7 @@ void CGMLIntegratorProxy::serialize(const void* object, SerializationNode& node)
     node.setDoubleProperty("langevinStepSize", integrator.getLangevinStepSize());
     node.setStringProperty("langevinSchedule", integrator.getLangevinSchedule());
     node.setDoubleProperty("exclusionDistance", integrator.getExclusionDistance());
+    node.setDoubleProperty("bondLengthLimit", integrator.getBondLengthLimit());
     node.setIntProperty("periodicMode", integrator.getPeriodicMode());
     node.setIntProperty("integrationForceGroups", integrator.getIntegrationForceGroups());
     node.createChildNode("DynamicsModel").setStringProperty("base64", base64Encode(integrator.getDynamicsModelBytes()));
@@ -95,8 +97,10 @@ void* CGMLIntegratorProxy::deserialize(const SerializationNode& node) const {
         if (integrator->hasScoreModel())
             integrator->setLangevinStepSize(node.getDoubleProperty("langevinStepSize"));
         integrator->setLangevinSchedule(version >= 2 ? node.getStringProperty("langevinSchedule") : "constant");
-        if (version >= 3)  // older XML keeps the dynamics model's default
+        if (version >= 3) {  // older XML keeps the dynamics model's defaults
             integrator->setExclusionDistance(node.getDoubleProperty("exclusionDistance"));
+            integrator->setBondLengthLimit(node.getDoubleProperty("bondLengthLimit"));
+        }
         integrator->setPeriodicMode(node.getIntProperty("periodicMode"));
         integrator->setIntegrationForceGroups(node.getIntProperty("integrationForceGroups"));
 

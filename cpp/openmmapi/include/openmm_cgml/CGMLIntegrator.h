@@ -133,6 +133,17 @@ public:
     double getExclusionDistance() const { return exclusionDistance; }
     /** Bead pairs moved apart by the excluded-volume correction since the integrator was created. */
     long long getExclusionCorrections() const;
+    /**
+     * Bond-length limit (nm): after each step (and its refinement), CG-bonded beads
+     * farther apart than this are pulled in to exactly this distance (each pair's centre
+     * of mass fixed), in the same sweeps as the excluded volume. 0 turns it off. The
+     * default is the dynamics model's optional float attribute bond_length_limit, else 0.
+     * Configuration: serialized, not part of checkpoints.
+     */
+    void setBondLengthLimit(double limit);
+    double getBondLengthLimit() const { return bondLengthLimit; }
+    /** CG bonds shortened by the bond-length limit since the integrator was created. */
+    long long getBondLimitCorrections() const;
     /** The score model's noise ladder (nm, largest first); empty without a score model. */
     std::vector<double> getSigmas() const;
     /** -1: follow System::usesPeriodicBoundaryConditions(); 0: non-periodic; 1: periodic. */
@@ -183,7 +194,7 @@ private:
     int langevinSteps;
     double langevinStepSize;
     int langevinSchedule;  // a LearnedStep::LangevinSchedule
-    double exclusionDistance;
+    double exclusionDistance, bondLengthLimit;
     int periodicMode;
     bool periodic;
     bool needsSeeding;    // seed the generator at the next initialize()

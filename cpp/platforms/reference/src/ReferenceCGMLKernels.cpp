@@ -58,6 +58,7 @@ void ReferenceIntegrateCGMLStepKernel::execute(ContextImpl& context, CGMLIntegra
     options.langevinStepSize = integrator.getLangevinStepSize();
     options.langevinSchedule = LearnedStep::parseLangevinSchedule(integrator.getLangevinSchedule(), "the Langevin schedule");
     options.exclusionDistance = integrator.getExclusionDistance();
+    options.bondLengthLimit = integrator.getBondLengthLimit();
     options.masses = &masses;
     // predict() throws before anything is written: on failure the context keeps its last good state
     torch::Tensor next = learned.predict(box, options, context.getStepCount() + 1);

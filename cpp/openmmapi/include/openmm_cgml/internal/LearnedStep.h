@@ -37,7 +37,9 @@ public:
         LangevinSchedule langevinSchedule = LangevinSchedule::Constant;
         /** Excluded volume (nm): non-bonded beads closer than this are pushed apart after the step; 0: off. */
         double exclusionDistance = 0.0;
-        /** Bead masses (amu) weighting the excluded-volume correction; null or empty: equal weights. */
+        /** CG-bonded beads farther apart than this (nm) are pulled together after the step; 0: off. */
+        double bondLengthLimit = 0.0;
+        /** Bead masses (amu) weighting the distance corrections; null or empty: equal weights. */
         const std::vector<double>* masses = nullptr;
     };
 
@@ -58,18 +60,30 @@ public:
     LangevinSchedule getDefaultLangevinSchedule() const { return defaultLangevinSchedule; }
     /** The dynamics model's optional float attribute exclusion_distance (nm), or 0 if absent. */
     double getDefaultExclusionDistance() const { return defaultExclusionDistance; }
-    /** Bead pairs moved apart by the excluded-volume correction since this object was created. */
+    /** The dynamics model's optional float attribute bond_length_limit (nm), or 0 if absent. */
+    double getDefaultBondLengthLimit() const { return defaultBondLengthLimit; }
+    /** Non-bonded bead pairs moved apart by the excluded-volume correction so far. */
     long long getExclusionCorrections() const { return exclusionCorrections; }
+    /** CG bonds shortened by the bond-length limit so far. */
+    long long getBondLimitCorrections() const { return bondLimitCorrections; }
     /**
-     * Excluded volume: push every pair of beads that are not CG-bonded and closer than
-     * `distance` (nm; minimum image in a periodic `box`) apart along their separation,
-     * to exactly `distance`, the lighter bead moving more (the centre of mass of each
-     * pair stays put, so momentum is conserved). Pairs are resolved one after another
-     * (as SHAKE resolves constraints) in up to maxExclusionSweeps sweeps over a fresh
-     * neighbour list. Returns the number of pair corrections made.
+     * Keep the step's result inside the pair distances the data shows. Excluded volume
+     * (`distance` > 0): every pair of beads that are not CG-bonded and closer than
+     * `distance` (nm; minimum image in a periodic `box`) is pushed apart along its
+     * separation to exactly `distance`. Bond-length limit (`bondLimit` > 0): every CG bond
+     * longer than `bondLimit` is pulled in to exactly `bondLimit`. Each correction moves
+     * the lighter bead more and keeps the pair's centre of mass (so momentum is
+     * conserved); pairs are resolved one after another (as SHAKE resolves constraints)
+     * in up to maxExclusionSweeps sweeps, with a fresh neighbour list each sweep. Returns
+     * the number of pair corrections made.
      */
+    int enforceDistanceLimits(torch::Tensor& x, const torch::Tensor& box, double distance, double bondLimit,
+                              const std::vector<double>* masses);
+    /** Excluded volume only: enforceDistanceLimits(x, box, distance, 0, masses). */
     int resolveOverlaps(torch::Tensor& x, const torch::Tensor& box, double distance,
-                        const std::vector<double>* masses);
+                        const std::vector<double>* masses) {
+        return enforceDistanceLimits(x, box, distance, 0.0, masses);
+    }
     static const int maxExclusionSweeps = 20;
 
     /** The step size of each level of the ladder (nm^2) under a schedule and base step eps. */
@@ -134,8 +148,8 @@ private:
     double defaultLangevinStepSize;
     LangevinSchedule defaultLangevinSchedule;
     int expectedFeatures;
-    double defaultExclusionDistance;
-    long long exclusionCorrections;
+    double defaultExclusionDistance, defaultBondLengthLimit;
+    long long exclusionCorrections, bondLimitCorrections;
     std::vector<std::set<int>> bondExclusions;  // per bead, its CG-bonded partners (built on first use)
     torch::Tensor features, bonds, history;
     at::Generator generator;
