@@ -52,12 +52,13 @@ def test_evaluate_writes_report_with_all_methods(exported_tiny_model, chain_data
     metrics = json.loads((out / "metrics.json").read_text())
     (system,) = metrics["systems"]
     runs = system["runs"]
-    assert set(runs) == {"reference MD", "short MD", "tiny", "tiny (no score)", "SL GNN"}
+    # the ablations of the first model: no score refinement, and neither score nor distance limits
+    assert set(runs) == {"reference MD", "short MD", "tiny", "tiny (no score)", "tiny (no score, no limits)", "SL GNN"}
     train_ps = evaluate.training_length_ps(chain_data_dir)
     step_ps = system["step_ps"]
     # the learned rollouts ran through the integrator, without failing, for 2x the training length
     assert system["rollout_steps"] == math.ceil(2 * train_ps / step_ps)
-    for label in ("tiny", "tiny (no score)"):
+    for label in ("tiny", "tiny (no score)", "tiny (no score, no limits)"):
         assert "failure" not in runs[label], runs[label].get("failure")
         assert runs[label]["frames"] == system["rollout_steps"] + 1
         assert runs[label]["duration_ps"] == pytest.approx(system["rollout_steps"] * step_ps)
@@ -68,7 +69,7 @@ def test_evaluate_writes_report_with_all_methods(exported_tiny_model, chain_data
     assert runs["short MD"]["duration_ps"] == pytest.approx(
         min(runs["reference MD"]["duration_ps"], round(train_ps / step_ps) * step_ps))
     assert runs["reference MD"]["rg2_mean"] > 0 and runs["SL GNN"]["rg2_mean"] > 0
-    assert set(metrics["summary"]) == {"short MD", "tiny", "tiny (no score)", "SL GNN"}
+    assert set(metrics["summary"]) == {"short MD", "tiny", "tiny (no score)", "tiny (no score, no limits)", "SL GNN"}
     report = (out / "report.md").read_text()
     for label in ("short MD", "tiny", "tiny (no score)", "SL GNN"):
         assert f"| {label} |" in report
@@ -101,7 +102,7 @@ def test_evaluate_writes_report_with_all_methods(exported_tiny_model, chain_data
     for name, figure in figures.items():
         assert f"![{name}]({system['system']}/{name})" in report
         assert_png_matches_figure(out / system["system"] / name, figure)
-    rollouts = ("reference MD", "short MD", "tiny", "tiny (no score)")
+    rollouts = ("reference MD", "short MD", "tiny", "tiny (no score)", "tiny (no score, no limits)")
     collisions = series(figures["collisions.png"])
     assert set(collisions) == set(rollouts)
     for label in rollouts:
@@ -204,5 +205,6 @@ def test_evaluate_periodic_electrolyte(tmp_path, recorded_figures):
     msd_panels = [ax.get_title() for ax in figures["msd.png"].axes]
     assert sorted(msd_panels) == sorted(species)
     for panel in range(len(figures["rdfs.png"].axes)):
-        assert set(series(figures["rdfs.png"], panel)) <= {"reference MD", "short MD", "tiny", "tiny (no score)"}
+        assert set(series(figures["rdfs.png"], panel)) <= {"reference MD", "short MD", "tiny", "tiny (no score)",
+                                                           "tiny (no score, no limits)"}
         assert "reference MD" in series(figures["rdfs.png"], panel)

@@ -1,0 +1,49 @@
+"""The pretrained models shipped in the package (openmm_cgml/pretrained/<name>)."""
+from __future__ import annotations
+
+import numpy as np
+import openmm
+import pytest
+from openmm import app, unit
+
+from openmm_cgml.simulator import PRETRAINED_DIR, LearnedSimulator
+
+
+def test_the_chain_model_is_shipped_small_and_documented():
+    assert "chain" in LearnedSimulator.available_pretrained()
+    directory = PRETRAINED_DIR / "chain"
+    card = (directory / "MODEL_CARD.md").read_text()
+    assert "make pretrained" in card and "accuracy" in card.lower()
+    assert sum(f.stat().st_size for f in directory.iterdir()) < 5e6  # a few MB at most
+    with pytest.raises(ValueError, match="no pretrained model 'protein'; shipped: chain"):
+        LearnedSimulator.pretrained("protein")
+
+
+def test_the_chain_model_runs_an_unseen_chain_within_its_distance_limits():
+    from openmm_cgml.analysis import nearest_nonbonded_distances
+    from openmm_cgml.systems import chain
+
+    learned = LearnedSimulator.pretrained("chain")
+    exclusion, limit = learned.manifest["exclusion_distance_nm"], learned.manifest["bond_length_limit_nm"]
+    assert 0 < exclusion < limit
+    # a class-II (blocky) chain of a length not trained on (training: 30, 50, 70, 100 monomers)
+    spec = [s for s in chain.make_specs("tiny", 11, n_train=0, n_test=1, n_monomers=45) if s.split == "test"][0]
+    built = chain.build(spec)
+    cg = learned.coarseGrain(built.topology, built.positions, masses=[built.system.getParticleMass(i).value_in_unit(
+        unit.dalton) for i in range(built.system.getNumParticles())])
+    integrator = learned.createIntegrator(cg, seed=3)
+    assert integrator.getExclusionDistance().value_in_unit(unit.nanometer) == pytest.approx(exclusion)
+    assert integrator.getBondLengthLimit().value_in_unit(unit.nanometer) == pytest.approx(limit)
+    simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName("CPU"))
+    simulation.context.setPositions(cg.positions)
+    frames = []
+    for _ in range(40):
+        simulation.step(1)
+        frames.append(simulation.context.getState(getPositions=True).getPositions(asNumpy=True)
+                      .value_in_unit(unit.nanometer))
+    x = np.asarray(frames)
+    assert np.isfinite(x).all()
+    bonds = np.asarray(cg.bonds)
+    assert np.linalg.norm(x[:, bonds[:, 1]] - x[:, bonds[:, 0]], axis=-1).max() <= limit * (1 + 1e-6)
+    assert nearest_nonbonded_distances(x, None, bonds).min() >= exclusion * (1 - 1e-6)
+    assert simulation.context.getState().getTime().value_in_unit(unit.picosecond) == pytest.approx(40 * 20.0)
