@@ -1,0 +1,78 @@
+"""The shipped pretrained chain model against OpenMM MD of the same fine chain, side by
+side in one run: simulated tau per wall-clock second and their ratio.
+
+    python benchmarks/speed_pretrained.py [--monomers 100] [--seconds 5] [--threads 1]
+
+MD: the embedded bead-spring chain (class-II sequence) at its usual 0.01 tau step on the
+CPU platform with ``--threads`` threads; learned: ``LearnedSimulator.pretrained("chain")``
+(20 tau per step, distance limits on, no refinement) through CGMLIntegrator in an
+app.Simulation, with ``--threads`` torch threads.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import openmm
+import torch
+from openmm import app, unit
+
+
+def timed(run, min_seconds: float) -> tuple[int, float]:
+    n = 1
+    while True:
+        start = time.perf_counter()
+        run(n)
+        seconds = time.perf_counter() - start
+        if seconds >= min_seconds:
+            return n, seconds
+        n = max(2 * n, int(n * min_seconds / max(seconds, 1e-3)))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--monomers", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    from openmm_cgml.simulator import LearnedSimulator
+    from openmm_cgml.systems import chain
+
+    torch.set_num_threads(args.threads)
+    spec = [s for s in chain.make_specs("tiny", 11, n_train=0, n_test=1, n_monomers=args.monomers)
+            if s.split == "test"][0]
+    built = chain.build(spec)
+    platform = openmm.Platform.getPlatformByName("CPU")
+    md = app.Simulation(built.topology, built.system, built.make_integrator(), platform,
+                        {"Threads": str(args.threads)})
+    md.context.setPositions(built.positions)
+    md.minimizeEnergy(maxIterations=200)
+    md.context.setVelocitiesToTemperature(built.temperature)
+    md.step(100)
+    steps, seconds = timed(md.step, args.seconds)
+    tau_ps = chain.ChainParameters().tau.value_in_unit(unit.picosecond)
+    md_rate = steps * built.timestep.value_in_unit(unit.picosecond) / tau_ps / seconds
+
+    learned = LearnedSimulator.pretrained("chain")
+    masses = [built.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(built.system.getNumParticles())]
+    state = md.context.getState(getPositions=True)
+    cg = learned.coarseGrain(built.topology, state.getPositions(asNumpy=True), masses=masses)
+    integrator = learned.createIntegrator(cg, seed=1)
+    simulation = app.Simulation(cg.topology, cg.system, integrator, platform, {"Threads": str(args.threads)})
+    simulation.context.setPositions(cg.positions)
+    simulation.step(5)
+    steps, seconds = timed(simulation.step, args.seconds)
+    learned_rate = steps * integrator.getStepSize().value_in_unit(unit.picosecond) / tau_ps / seconds
+    print(f"chain of {args.monomers} monomers ({built.system.getNumParticles()} particles -> {cg.n_beads} beads), "
+          f"{args.threads} thread(s)")
+    print(f"MD (dt 0.01 tau):            {md_rate:10.1f} tau/s")
+    print(f"learned (20 tau per step):   {learned_rate:10.1f} tau/s  ({steps / seconds:.0f} steps/s)")
+    print(f"speed: pretrained chain {learned_rate / md_rate:.0f}x MD")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
