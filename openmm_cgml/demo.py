@@ -55,15 +55,15 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, rollout_factor: float
         print(f"\n== {name} ==", flush=True)
         timings[name] = time.perf_counter()
 
-    stage("1/4 reference MD (chain, class I train / class II test)")
+    stage("1/5 reference MD (chain, class I train / class II test)")
     generate_dataset("chain", "demo", data, seed=seed, overrides=DEMO_DATA, progress=progress)
-    stage("2/4 training (embedding + dynamics + score GNNs)")
+    stage("2/5 training (embedding + dynamics + score GNNs)")
     overrides = dict(DEMO_TRAINING, data_dir=str(data), seed=seed)
     if train_steps is not None:
         overrides["steps"] = train_steps
     last = run / "checkpoints" / "last.pt"
     train("chain-demo", run, resume=last.exists(), progress=progress, overrides=overrides)
-    stage("3/4 TorchScript export")
+    stage("3/5 TorchScript export")
     export_checkpoint(run, model)
     stage("4/5 learned simulation in OpenMM + evaluation")
     path = run_evaluation({"learned (gns)": model}, data, report, rollout_factor=rollout_factor, seed=seed + 1,

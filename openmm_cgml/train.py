@@ -933,9 +933,11 @@ class Trainer:
         return "val_rollout_score" if self.validator is not None else "val_dynamics"
 
     def _best_val(self) -> float:
-        """Lowest selection metric logged before the newest row."""
+        """Lowest selection metric logged before the newest row, over trained steps: the
+        untrained step-0 networks are logged as a baseline but have no checkpoint (the
+        demo's step-0 rollouts once scored best, so no best.pt was ever written)."""
         key = self.selection_metric
-        values = [float(r[key]) for r in self.rows[:-1] if r.get(key) not in (None, "")]
+        values = [float(r[key]) for r in self.rows[:-1] if r.get(key) not in (None, "") and int(r["step"]) > 0]
         return min(values) if values else float("inf")
 
     def save_checkpoint(self, best: bool = False) -> Path | None:
@@ -1204,16 +1206,18 @@ class Trainer:
 
         directory = self.out / "checkpoints"
         best = directory / "best.pt"
-        if not best.exists():
-            return None
-        best_ckpt = load_checkpoint(best)
-        if best_ckpt.get("exclusion_calibration"):
-            return best_ckpt["exclusion_calibration"]
-        candidates = {int(best_ckpt["step"]): best}
+        candidates = {}
+        if best.exists():
+            best_ckpt = load_checkpoint(best)
+            if best_ckpt.get("exclusion_calibration"):
+                return best_ckpt["exclusion_calibration"]
+            candidates[int(best_ckpt["step"])] = best
         for path in directory.glob("step_*.pt"):
             match = re.fullmatch(r"step_(\d+)\.pt", path.name)
             if match and int(match.group(1)) >= self.config.steps // 2:
                 candidates.setdefault(int(match.group(1)), path)
+        if not candidates:
+            return None
         rollout = self.config.rollout
         validators = [RolloutValidator(self.val_set, self.config.dilation, rollout["steps"], rollout["starts"],
                                        rollout["systems"], self.config.seed + k, False) for k in range(seeds)]

@@ -146,3 +146,21 @@ def test_checkpoint_and_distance_limits_are_chosen_by_rollouts_after_training(ch
     assert again["exclusion_calibration"]["chosen_step"] == best["exclusion_calibration"]["chosen_step"]
     assert again["exclusion_distance"] == best["exclusion_distance"]
     assert (tmp_path / "run" / "exclusion_calibration.csv").stat().st_mtime_ns == written
+
+
+def test_untrained_step_zero_scoring_best_does_not_block_best_pt(chain_data_dir, tmp_path, monkeypatch):
+    """The step-0 rollouts are a baseline without a checkpoint: best.pt must still be written
+    (the demo's untrained networks once scored best, and no best.pt ever existed)."""
+    calls = []
+
+    def fake_evaluate(self, net):
+        calls.append(1)
+        score = 0.0 if len(calls) == 1 else float(len(calls))  # step 0 best, then worse and worse
+        return {"rollout_score": score, "rollout_rg2_bias": 0.0, "rollout_collisions": 0.0,
+                "reference_collisions": 0.0, "rollout_failures": 0.0, "rollout_relaxation_error": 0.0}
+
+    monkeypatch.setattr(RolloutValidator, "evaluate", fake_evaluate)
+    config = tiny_config(chain_data_dir, steps=10, val_every=5, checkpoint_every=10, rollout={"steps": 5, "starts": 1})
+    train(config, tmp_path / "run", progress=False)
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best["step"] == 5  # the first trained step, the best of the trained ones
