@@ -14,6 +14,7 @@ and the ratio (b)/(a). Then the time per learned step against the number of bead
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,18 +30,8 @@ from openmm_cgml.models import build_dynamics_model, build_score_model, export_m
 from openmm_cgml.systems import get_system_module
 from openmm_cgml.train import load_config
 
-
-def timed(run, min_seconds: float) -> tuple[int, float]:
-    """Call run(n) with growing n until it takes min_seconds; return (calls, seconds)."""
-    n = 1
-    while True:
-        start = time.perf_counter()
-        run(n)
-        seconds = time.perf_counter() - start
-        if seconds >= min_seconds:
-            return n, seconds
-        n *= 2 if seconds < min_seconds / 4 else 1
-        n = max(n, int(n * min_seconds / max(seconds, 1e-3)))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import timed  # noqa: E402
 
 
 def md_speed(built, min_seconds: float) -> float:

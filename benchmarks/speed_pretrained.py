@@ -12,23 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+from pathlib import Path
 
-import numpy as np
 import openmm
 import torch
 from openmm import app, unit
 
-
-def timed(run, min_seconds: float) -> tuple[int, float]:
-    n = 1
-    while True:
-        start = time.perf_counter()
-        run(n)
-        seconds = time.perf_counter() - start
-        if seconds >= min_seconds:
-            return n, seconds
-        n = max(2 * n, int(n * min_seconds / max(seconds, 1e-3)))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import timed  # noqa: E402  (one timing loop for every speed benchmark)
 
 
 def main(argv=None) -> int:
