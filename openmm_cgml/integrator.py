@@ -252,6 +252,18 @@ class CGMLIntegrator(openmm.Integrator):
         """CG bonds shortened by the bond-length limit since the integrator was created."""
         return self._impl.getBondLimitCorrections()
 
+    def setNumThreads(self, threads: int) -> None:
+        """Intra-op threads libtorch uses for each step's model calls; 0 (default) leaves
+        libtorch's setting (one per core unless ``torch.set_num_threads`` changed it).
+        libtorch's thread count is per process: this sets it for other torch work in the
+        process too. For chain-sized systems (tens of beads) one thread is fastest."""
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+            raise TypeError(f"the number of threads must be an int, got {type(threads).__name__}")
+        self._impl.setNumThreads(int(threads))
+
+    def getNumThreads(self) -> int:
+        return self._impl.getNumThreads()
+
     def setUsesPeriodicBoundaryConditions(self, periodic: bool | None) -> None:
         """Whether the models see the periodic box. None (default) follows
         ``System.usesPeriodicBoundaryConditions()``; a CG System without forces reports

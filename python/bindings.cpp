@@ -124,6 +124,8 @@ PYBIND11_MODULE(_cgml, m) {
         .def("getBondLengthLimit", &CGMLIntegrator::getBondLengthLimit)
         .def("setBondLengthLimit", &CGMLIntegrator::setBondLengthLimit)
         .def("getBondLimitCorrections", &CGMLIntegrator::getBondLimitCorrections)
+        .def("getNumThreads", &CGMLIntegrator::getNumThreads)
+        .def("setNumThreads", &CGMLIntegrator::setNumThreads)
         .def("getPeriodicMode", &CGMLIntegrator::getPeriodicMode)
         .def("setPeriodicMode", &CGMLIntegrator::setPeriodicMode)
         .def("serialize",

@@ -1004,3 +1004,27 @@ def test_unknown_langevin_schedule_is_refused(tmp_path):
     bare = CGMLIntegrator(dyn)
     bare.setLangevinSchedule("ncsn")
     assert bare.getLangevinSchedule() == "ncsn" and bare.getLangevinStepSizes().size == 0
+
+
+def test_num_threads_sets_libtorch_threads_for_the_step_and_round_trips(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        integrator = CGMLIntegrator(save(HarmonicDynamics(k=0.1), tmp_path / "d.pt"))
+        assert integrator.getNumThreads() == 0
+        sim = simulation(integrator, n=4)
+        torch.set_num_threads(2)
+        sim.step(1)
+        assert torch.get_num_threads() == 2  # 0: the integrator leaves libtorch's setting alone
+        integrator.setNumThreads(1)
+        sim.step(1)
+        assert torch.get_num_threads() == 1  # the plugin and Python share one libtorch
+        xml = openmm.XmlSerializer.serialize(integrator)
+        assert 'numThreads="1"' in xml and CGMLIntegrator.deserialize(xml).getNumThreads() == 1
+        with pytest.raises(ValueError, match="number of threads must be >= 0"):
+            integrator.setNumThreads(-1)
+        with pytest.raises(TypeError, match="must be an int"):
+            integrator.setNumThreads(1.5)
+    finally:
+        torch.set_num_threads(before)

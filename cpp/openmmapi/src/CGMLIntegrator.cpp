@@ -37,6 +37,7 @@ CGMLIntegrator::CGMLIntegrator(const std::string& dynamicsModel, const std::stri
     langevinSchedule = (int) learnedStep->getDefaultLangevinSchedule();
     exclusionDistance = learnedStep->getDefaultExclusionDistance();
     bondLengthLimit = learnedStep->getDefaultBondLengthLimit();
+    numThreads = 0;
     setStepSize(stepSize > 0 ? stepSize : learnedStep->getModelStepSize());
 }
 
@@ -240,6 +241,12 @@ void CGMLIntegrator::setBondLengthLimit(double limit) {
     if (!(limit >= 0) || !std::isfinite(limit))
         throw std::invalid_argument("the bond-length limit must be >= 0 and finite (nm)");
     bondLengthLimit = limit;
+}
+
+void CGMLIntegrator::setNumThreads(int threads) {
+    if (threads < 0)
+        throw std::invalid_argument("the number of threads must be >= 0 (0: libtorch's default)");
+    numThreads = threads;
 }
 
 long long CGMLIntegrator::getBondLimitCorrections() const {

@@ -14,8 +14,8 @@ using namespace CGML;
 using namespace OpenMM;
 
 // Version 2 added langevinSchedule; version 1 XML (without it) loads with the constant
-// schedule, the only one its writer knew. Version 3 added exclusionDistance and
-// bondLengthLimit; older XML keeps the dynamics model's defaults for them.
+// schedule, the only one its writer knew. Version 3 added exclusionDistance,
+// bondLengthLimit (older XML keeps the dynamics model's defaults) and numThreads (0).
 static const int formatVersion = 3;
 
 CGMLIntegratorProxy::CGMLIntegratorProxy() : SerializationProxy("CGMLIntegrator") {
@@ -34,6 +34,7 @@ void CGMLIntegratorProxy::serialize(const void* object, SerializationNode& node)
     node.setStringProperty("langevinSchedule", integrator.getLangevinSchedule());
     node.setDoubleProperty("exclusionDistance", integrator.getExclusionDistance());
     node.setDoubleProperty("bondLengthLimit", integrator.getBondLengthLimit());
+    node.setIntProperty("numThreads", integrator.getNumThreads());
     node.setIntProperty("periodicMode", integrator.getPeriodicMode());
     node.setIntProperty("integrationForceGroups", integrator.getIntegrationForceGroups());
     node.createChildNode("DynamicsModel").setStringProperty("base64", base64Encode(integrator.getDynamicsModelBytes()));
@@ -100,6 +101,7 @@ void* CGMLIntegratorProxy::deserialize(const SerializationNode& node) const {
         if (version >= 3) {  // older XML keeps the dynamics model's defaults
             integrator->setExclusionDistance(node.getDoubleProperty("exclusionDistance"));
             integrator->setBondLengthLimit(node.getDoubleProperty("bondLengthLimit"));
+            integrator->setNumThreads(node.getIntProperty("numThreads"));
         }
         integrator->setPeriodicMode(node.getIntProperty("periodicMode"));
         integrator->setIntegrationForceGroups(node.getIntProperty("integrationForceGroups"));

@@ -144,6 +144,15 @@ public:
     double getBondLengthLimit() const { return bondLengthLimit; }
     /** CG bonds shortened by the bond-length limit since the integrator was created. */
     long long getBondLimitCorrections() const;
+    /**
+     * Intra-op threads libtorch uses for the model calls of each step; 0 (the default)
+     * leaves libtorch's own setting (its default: one per core). libtorch's thread count
+     * is per process, so this also sets it for other torch work in the process.
+     * Configuration: serialized, not part of checkpoints. Throws std::invalid_argument if
+     * negative.
+     */
+    void setNumThreads(int threads);
+    int getNumThreads() const { return numThreads; }
     /** The score model's noise ladder (nm, largest first); empty without a score model. */
     std::vector<double> getSigmas() const;
     /** -1: follow System::usesPeriodicBoundaryConditions(); 0: non-periodic; 1: periodic. */
@@ -195,6 +204,7 @@ private:
     double langevinStepSize;
     int langevinSchedule;  // a LearnedStep::LangevinSchedule
     double exclusionDistance, bondLengthLimit;
+    int numThreads;
     int periodicMode;
     bool periodic;
     bool needsSeeding;    // seed the generator at the next initialize()

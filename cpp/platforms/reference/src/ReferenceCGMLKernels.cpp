@@ -1,5 +1,6 @@
 #include "ReferenceCGMLKernels.h"
 #include "openmm_cgml/internal/LearnedStep.h"
+#include <ATen/Parallel.h>
 #include "openmm/OpenMMException.h"
 #include "openmm/Platform.h"
 #include "openmm/internal/ContextImpl.h"
@@ -60,6 +61,8 @@ void ReferenceIntegrateCGMLStepKernel::execute(ContextImpl& context, CGMLIntegra
     options.exclusionDistance = integrator.getExclusionDistance();
     options.bondLengthLimit = integrator.getBondLengthLimit();
     options.masses = &masses;
+    if (integrator.getNumThreads() > 0 && at::get_num_threads() != integrator.getNumThreads())
+        at::set_num_threads(integrator.getNumThreads());
     // predict() throws before anything is written: on failure the context keeps its last good state
     torch::Tensor next = learned.predict(box, options, context.getStepCount() + 1);
     velocities.copy_((next - positions) / dt);
