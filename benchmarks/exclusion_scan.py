@@ -32,8 +32,7 @@ def main(argv=None) -> int:
 
     from openmm_cgml.export import run_checkpoint
     from openmm_cgml.train import TrainConfig, build_datasets, build_models_from_checkpoint, bond_length_limit, \
-        exclusion_distance, \
-        load_checkpoint
+        distance_pools, exclusion_distance, load_checkpoint
     from openmm_cgml.validation import RolloutValidator
 
     path = run_checkpoint(args.checkpoint) if args.checkpoint.is_dir() else args.checkpoint
@@ -44,9 +43,10 @@ def main(argv=None) -> int:
     print(f"{path} (step {ckpt['step']}); validation systems: {', '.join(s.name for s in val_set.systems)}")
     print("| quantile | exclusion (nm) | bond limit (nm) | Rg2 bias | seed spread | relaxation error | collisions / reference | score |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    pools = distance_pools(train_set)
     for q in args.quantiles:
-        net.dynamics.exclusion_distance = exclusion_distance(train_set, q) if q > 0 else 0.0
-        net.dynamics.bond_length_limit = bond_length_limit(train_set, q) if q > 0 else 0.0
+        net.dynamics.exclusion_distance = exclusion_distance(train_set, q, pools=pools) if q > 0 else 0.0
+        net.dynamics.bond_length_limit = bond_length_limit(train_set, q, pools=pools) if q > 0 else 0.0
         results = [RolloutValidator(val_set, config.dilation, args.steps, args.starts, args.systems, seed).evaluate(net)
                    for seed in range(args.seeds)]
         mean = {k: float(np.mean([r[k] for r in results])) for k in results[0]}

@@ -508,47 +508,51 @@ def data_statistics(train_set, dilation: int) -> dict[str, float]:
             "mass_mean": float(masses.mean()), "mass_std": float(masses.std())}
 
 
-def exclusion_distance(dataset, quantile: float | None, max_frames: int = 200) -> float:
+def distance_pools(dataset, max_frames: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """The pair distances the distance limits are learned from, pooled over at most
+    ``max_frames`` evenly spaced frames of each trajectory: (nearest-non-bonded-bead
+    distances, CG bond lengths), nm. Computed once, read at any quantile."""
+    from openmm_cgml import analysis
+
+    nonbonded, bonded = [], []
+    for trajectory, graph in zip(dataset.trajectories, dataset.systems):
+        frames = np.unique(np.linspace(0, trajectory.n_frames - 1, min(max_frames, trajectory.n_frames)).astype(int))
+        if trajectory.n_beads >= 2:
+            d = analysis.nearest_nonbonded_distances(trajectory.positions, trajectory.box, graph.cg_bonds, frames)
+            nonbonded.append(d[np.isfinite(d)].ravel())
+        bonds = np.asarray(graph.cg_bonds).reshape(-1, 2)
+        if len(bonds):
+            x = trajectory.positions[frames].astype(np.float64)
+            bonded.append(np.linalg.norm(x[:, bonds[:, 1]] - x[:, bonds[:, 0]], axis=-1).ravel())
+    pool = lambda parts: np.concatenate(parts) if parts else np.empty(0)  # noqa: E731
+    return pool(nonbonded), pool(bonded)
+
+
+def exclusion_distance(dataset, quantile: float | None, max_frames: int = 200, pools=None) -> float:
     """The excluded-volume distance (nm) learned from data: ``quantile`` of the
     nearest-non-bonded-bead distances pooled over at most ``max_frames`` evenly spaced
     frames of each training trajectory (0.0 for None or when no bead has a non-bonded
     neighbour). The default 1e-3 sits just above the data's closest approach (the very
     minimum is one outlier frame: on 100-monomer chains 1.5 nm against ~2.05 nm for the
     1e-3 quantile of every chain length), so the correction only removes overlaps the
-    data almost never shows."""
-    from openmm_cgml import analysis
-
+    data almost never shows. ``pools``: ``distance_pools(dataset, max_frames)``, if
+    already computed."""
     if quantile is None:
         return 0.0
-    pooled = []
-    for trajectory, graph in zip(dataset.trajectories, dataset.systems):
-        if trajectory.n_beads < 2:
-            continue
-        frames = np.unique(np.linspace(0, trajectory.n_frames - 1, min(max_frames, trajectory.n_frames)).astype(int))
-        d = analysis.nearest_nonbonded_distances(trajectory.positions, trajectory.box, graph.cg_bonds, frames)
-        pooled.append(d[np.isfinite(d)].ravel())
-    pooled = np.concatenate(pooled) if pooled else np.empty(0)
+    pooled = (pools if pools is not None else distance_pools(dataset, max_frames))[0]
     return float(np.quantile(pooled, quantile)) if pooled.size else 0.0
 
 
-def bond_length_limit(dataset, quantile: float | None, max_frames: int = 200) -> float:
+def bond_length_limit(dataset, quantile: float | None, max_frames: int = 200, pools=None) -> float:
     """The bond-length limit (nm) learned from data: the (1 - ``quantile``) quantile of
     the CG bond lengths pooled over at most ``max_frames`` evenly spaced frames of each
     training trajectory (0.0 for None or without CG bonds). Learned rollouts whose bonds
     outgrow the data's range are out of distribution, and the model does not pull them
     back: on the pretrained chain data, bonds of a swelling rollout reached 40 nm
-    against at most ~5 nm in MD."""
+    against at most ~5 nm in MD. ``pools``: as for ``exclusion_distance``."""
     if quantile is None:
         return 0.0
-    pooled = []
-    for trajectory, graph in zip(dataset.trajectories, dataset.systems):
-        bonds = np.asarray(graph.cg_bonds).reshape(-1, 2)
-        if not len(bonds):
-            continue
-        frames = np.unique(np.linspace(0, trajectory.n_frames - 1, min(max_frames, trajectory.n_frames)).astype(int))
-        x = trajectory.positions[frames].astype(np.float64)
-        pooled.append(np.linalg.norm(x[:, bonds[:, 1]] - x[:, bonds[:, 0]], axis=-1).ravel())
-    pooled = np.concatenate(pooled) if pooled else np.empty(0)
+    pooled = (pools if pools is not None else distance_pools(dataset, max_frames))[1]
     return float(np.quantile(pooled, 1.0 - quantile)) if pooled.size else 0.0
 
 
@@ -832,8 +836,9 @@ class Trainer:
         self.net.dynamics.set_normalization(self.stats["velocity_std"], self.stats["acceleration_std"],
                                             feature_mean, feature_std)
         self.property_baselines = self._setup_property(feature_mean, feature_std)
-        self.net.dynamics.exclusion_distance = exclusion_distance(self.train_set, config.exclusion_quantile)
-        self.net.dynamics.bond_length_limit = bond_length_limit(self.train_set, config.bond_limit_quantile)
+        pools = distance_pools(self.train_set)
+        self.net.dynamics.exclusion_distance = exclusion_distance(self.train_set, config.exclusion_quantile, pools=pools)
+        self.net.dynamics.bond_length_limit = bond_length_limit(self.train_set, config.bond_limit_quantile, pools=pools)
         if self.rank == 0 and self.progress:
             print(f"distance limits from the training data: excluded volume "
                   f"{self.net.dynamics.exclusion_distance:.4g} nm, bond-length limit "
@@ -1221,10 +1226,10 @@ class Trainer:
         rollout = self.config.rollout
         validators = [RolloutValidator(self.val_set, self.config.dilation, rollout["steps"], rollout["starts"],
                                        rollout["systems"], self.config.seed + k, False) for k in range(seeds)]
-        limits = {}
+        limits, pools = {}, distance_pools(self.train_set)
         for quantile in self.config.exclusion_calibration:
-            limits[quantile] = ((exclusion_distance(self.train_set, quantile), bond_length_limit(self.train_set, quantile))
-                                if quantile > 0 else (0.0, 0.0))
+            limits[quantile] = ((exclusion_distance(self.train_set, quantile, pools=pools),
+                                 bond_length_limit(self.train_set, quantile, pools=pools)) if quantile > 0 else (0.0, 0.0))
         rows = []
         for step in sorted(candidates):
             net = build_models_from_checkpoint(load_checkpoint(candidates[step])).eval()
