@@ -65,7 +65,7 @@ def _series_summary(series: np.ndarray, dt_ps: float) -> dict:
 def summarize(data: Path, allow_partial: bool = False) -> None:
     from openmm_cgml import analysis
     from openmm_cgml.dataset import mapping_for_trajectory
-    from openmm_cgml.generate import list_trajectories, load_trajectory, read_metadata
+    from openmm_cgml.trajectories import list_trajectories, load_trajectory, read_metadata
 
     chains, series = [], {}
     for name, monomers, seed in SETS:

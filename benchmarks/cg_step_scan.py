@@ -66,7 +66,7 @@ def _r2(x: np.ndarray, k: int, bonds: np.ndarray, structure: bool) -> float:
 
 def scan(data_dirs, levels, steps) -> list[dict]:
     from openmm_cgml.dataset import mapping_for_trajectory
-    from openmm_cgml.generate import list_trajectories, load_trajectory
+    from openmm_cgml.trajectories import list_trajectories, load_trajectory
 
     results = []
     for data in data_dirs:

@@ -21,6 +21,7 @@ import sys
 # sub-command modules, in pipeline order (topology -> data -> models -> evaluation)
 COMMAND_MODULES = [
     "openmm_cgml.generate",
+    "openmm_cgml.trajectory_import",
     "openmm_cgml.train",
     "openmm_cgml.export",
     "openmm_cgml.evaluate",

@@ -231,7 +231,7 @@ class CGMapping:
 
     @classmethod
     def from_record(cls, record, cg_level: float, **kwargs) -> "CGMapping":
-        """From a :class:`openmm_cgml.generate.TrajectoryRecord` (uses its metadata graph)."""
+        """From a :class:`openmm_cgml.trajectories.TrajectoryRecord` (uses its metadata graph)."""
         return cls.from_graph(record.n_atoms, record.bonds, record.masses, cg_level,
                               atom_types=record.atom_types, bond_types=record.bond_types, **kwargs)
 
@@ -336,9 +336,9 @@ class CGMapping:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the mapping as JSON (atomically: a kill never leaves half a file)."""
-        from openmm_cgml.generate import _write_bytes_atomic
+        from openmm_cgml.files import write_bytes_atomic
 
-        _write_bytes_atomic(Path(path), json.dumps(self.to_dict()).encode())
+        write_bytes_atomic(Path(path), json.dumps(self.to_dict()).encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CGMapping":

@@ -67,7 +67,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from openmm_cgml.coarse_grain import CGMapping, build_vocabulary
-from openmm_cgml.generate import (TRAJECTORY_FILE, list_trajectories, load_trajectory,
+from openmm_cgml.trajectories import (TRAJECTORY_FILE, list_trajectories, load_trajectory,
                                   read_metadata)
 
 

@@ -43,7 +43,7 @@ from openmm import app, unit
 from tqdm.auto import tqdm
 
 from openmm_cgml import analysis, plots
-from openmm_cgml.generate import TrajectoryRecord, list_trajectories, load_trajectory, read_metadata
+from openmm_cgml.trajectories import TrajectoryRecord, list_trajectories, load_trajectory, read_metadata
 
 
 # ----------------------------------------------------------------------------- rollouts

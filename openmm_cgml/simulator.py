@@ -13,7 +13,7 @@ each molecule's fine-level (atomistic) Rg^2 from CG frames, e.g. a learned rollo
 ``coarseGrain`` applies the exported CG options (cg_level, small-molecule rule, METIS
 seed) to the fine graph, and computes the bead features with the exported embedding GNN
 (once; it sees no positions). Atom types follow the rule the training data used:
-a :class:`~openmm_cgml.generate.TrajectoryRecord` carries them in its metadata; for an
+a :class:`~openmm_cgml.trajectories.TrajectoryRecord` carries them in its metadata; for an
 OpenMM topology they are the element symbol, or the atom name when there is no element
 (the ``import-trajectory`` rule; the name also wins when only it is a known type, since
 PDB readers guess elements from names), unless ``atom_types=`` is given. Bond types come from
@@ -209,7 +209,7 @@ class LearnedSimulator:
         import torch
 
         from openmm_cgml.export import EMBEDDING_FORMAT, MANIFEST
-        from openmm_cgml.generate import contained_path
+        from openmm_cgml.files import contained_path
         from openmm_cgml.models import ModelConfig, build_embedding_model
 
         directory = Path(directory)
@@ -289,7 +289,7 @@ class LearnedSimulator:
         return bool(self.manifest.get("periodic", False))
 
     def _file(self, key: str) -> Path | None:
-        from openmm_cgml.generate import contained_path
+        from openmm_cgml.files import contained_path
 
         name = self.manifest["files"].get(key)
         return contained_path(self.directory, name, f"files.{key}", "the model directory") if name else None
@@ -360,14 +360,14 @@ class LearnedSimulator:
                              f"pass {kind}_types= mapping your atoms onto known types")
 
     def defaultAtomTypes(self, atoms) -> list[str]:
-        """The import-trajectory rule (:func:`openmm_cgml.generate.atom_types_from_topology`):
+        """The import-trajectory rule (:func:`openmm_cgml.trajectories.atom_types_from_topology`):
         element symbol, or the atom name when there is no element. PDB readers guess
         elements from names ("S1" -> sulfur), so when the symbol is not a known type but
         the name is, the name is used."""
         return self._default_atom_types(atoms)[0]
 
     def _default_atom_types(self, atoms) -> tuple[list[str], list[bool]]:
-        from openmm_cgml.generate import atom_types_from_topology
+        from openmm_cgml.trajectories import atom_types_from_topology
 
         return atom_types_from_topology(atoms, known=self.atom_vocabulary)
 

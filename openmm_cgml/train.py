@@ -265,7 +265,7 @@ class TrainConfig:
     def check_system_filter(self) -> None:
         """If ``data_dir`` holds a data set, ``system`` (when set) must match some of its
         trajectories: otherwise raise ValueError naming the kinds it has."""
-        from openmm_cgml.generate import INDEX_FILE, read_index
+        from openmm_cgml.trajectories import INDEX_FILE, read_index
 
         if self.system is None or not (Path(self.data_dir) / INDEX_FILE).is_file():
             return
@@ -461,7 +461,7 @@ def _bond_type_table(data_dir, kind: str | None) -> dict[str, str]:
     """{"A|B": bond type} over sorted atom-type pairs of every system of the data set
     (train and test, like the vocabularies); pairs seen with several bond types map to
     "" (ambiguous)."""
-    from openmm_cgml.generate import list_trajectories, read_metadata
+    from openmm_cgml.trajectories import list_trajectories, read_metadata
 
     table: dict[str, set] = {}
     for directory in list_trajectories(data_dir, kind=kind):

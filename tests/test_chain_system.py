@@ -1,7 +1,6 @@
 """The chain reference system: parameters, potentials, sequence classes, generated data."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import openmm
@@ -94,7 +93,7 @@ def test_bad_input_is_rejected_with_a_clear_message():
 
 
 def test_generated_chains_stay_bonded_and_thermalised(chain_data_dir, chain_settings):
-    from openmm_cgml.generate import list_trajectories, load_trajectory
+    from openmm_cgml.trajectories import list_trajectories, load_trajectory
 
     directories = list_trajectories(chain_data_dir)
     assert len(directories) == chain_settings["n_train"] + chain_settings["n_test"]

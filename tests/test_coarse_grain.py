@@ -5,7 +5,6 @@ import numpy as np
 import openmm
 import pytest
 from openmm import unit
-from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
 from openmm_cgml.coarse_grain import CGMapping, _make_parts_connected, _adjacency, build_vocabulary

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from openmm import unit
 
-from openmm_cgml import generate
+from openmm_cgml import generate, trajectories, trajectory_import
 from openmm_cgml.cli import main as cgml_main
 
 torch.set_num_threads(1)
@@ -83,7 +82,7 @@ def test_resumed_generation_refuses_another_spec(tmp_path):
 
     # the same spec resumes and completes
     generate.generate_trajectory(_dimers(seed=3), out, **kwargs)
-    assert generate.load_trajectory(directory).n_frames == 6
+    assert trajectories.load_trajectory(directory).n_frames == 6
     # a complete trajectory is not silently kept for another spec either
     with pytest.raises(generate.SpecMismatchError, match="seed: 3 on disk, 4 requested"):
         generate.generate_trajectory(_dimers(seed=4), out, **kwargs)
@@ -187,9 +186,9 @@ def test_import_of_own_chain_data_keeps_types_and_needs_masses(chain_data_dir, t
     # so types come from the names and the guessed element masses (B, S) are not used
     with pytest.warns(UserWarning, match="guessed"):
         with pytest.raises(ValueError, match="--masses"):
-            generate.import_trajectory(dcd, pdb, 5.0, tmp_path / "a", name="x")
+            trajectory_import.import_trajectory(dcd, pdb, 5.0, tmp_path / "a", name="x")
     with pytest.warns(UserWarning, match="guessed"):
-        record = generate.import_trajectory(dcd, pdb, 5.0, tmp_path / "a", name="x",
+        record = trajectory_import.import_trajectory(dcd, pdb, 5.0, tmp_path / "a", name="x",
                                             masses={"B1": 1.0, "B2": 1.0, "S1": 1.0, "S2": 1.0})
     assert record.atom_types == metadata["atom_types"]  # B1/B2 stay apart
     np.testing.assert_allclose(record.masses, metadata["masses_amu"])
@@ -204,13 +203,13 @@ def test_cli_import_atom_types_and_masses_options(chain_data_dir, tmp_path):
             "--record-interval-ps", "5", "--out", str(out)]
     with pytest.warns(UserWarning, match="guessed"):
         assert cgml_main(args + ["--name", "a", "--masses", "B1=1,B2=1,S1=1,S2=2.5"]) == 0
-    record = generate.load_trajectory(out / "a")
+    record = trajectories.load_trajectory(out / "a")
     assert record.atom_types == metadata["atom_types"]
     assert record.masses.tolist() == [2.5 if t == "S2" else 1.0 for t in metadata["atom_types"]]
     n = len(metadata["atom_types"])
     assert cgml_main(args + ["--name", "b", "--atom-types", str(types_file),
                              "--masses", ",".join(["3"] * n)]) == 0
-    record = generate.load_trajectory(out / "b")
+    record = trajectories.load_trajectory(out / "b")
     assert record.atom_types == metadata["atom_types"] and record.masses.tolist() == [3.0] * n
 
 
@@ -224,7 +223,7 @@ def test_simulator_and_import_share_the_type_rule(exported_tiny_model, chain_dat
     sim = openmm_cgml.LearnedSimulator.load(exported_tiny_model)
     atoms = list(top.to_openmm().atoms())
     assert sim.defaultAtomTypes(atoms) == metadata["atom_types"]
-    types, trusted = generate.atom_types_from_topology(atoms, known=sim.atom_vocabulary)
+    types, trusted = trajectories.atom_types_from_topology(atoms, known=sim.atom_vocabulary)
     assert types == metadata["atom_types"] and not any(trusted)
 
 
@@ -234,14 +233,14 @@ def test_truncated_dcd_import_warns(chain_data_dir, tmp_path):
     kwargs = {"atom_types": metadata["atom_types"], "masses": masses}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        generate.import_trajectory(directory / "trajectory.dcd", directory / "topology.pdb", 5.0,
+        trajectory_import.import_trajectory(directory / "trajectory.dcd", directory / "topology.pdb", 5.0,
                                    tmp_path / "ok", **kwargs)
     assert not caught, [str(w.message) for w in caught]
     cut = tmp_path / "cut.dcd"
     data = (directory / "trajectory.dcd").read_bytes()
     cut.write_bytes(data[:-100])  # killed while writing the last frame
     with pytest.warns(UserWarning, match=r"cut\.dcd.*truncated.*30 frames.*29") as record:
-        imported = generate.import_trajectory(cut, directory / "topology.pdb", 5.0, tmp_path / "cut", **kwargs)
+        imported = trajectory_import.import_trajectory(cut, directory / "topology.pdb", 5.0, tmp_path / "cut", **kwargs)
     assert imported.n_frames == metadata["n_frames"] - 1
 
 
@@ -288,7 +287,7 @@ def test_manifest_is_validated(exported_tiny_model, tmp_path):
 def test_periodicity_must_match_the_model(exported_tiny_model, chain_data_dir, tmp_path):
     import openmm_cgml
 
-    record = generate.load_trajectory(generate.list_trajectories(chain_data_dir, split="test")[0])
+    record = trajectories.load_trajectory(trajectories.list_trajectories(chain_data_dir, split="test")[0])
     sim = openmm_cgml.LearnedSimulator.load(exported_tiny_model)  # trained on non-periodic chains
     with pytest.raises(ValueError, match="non-periodic.*box"):
         sim.coarseGrain(record, box=np.eye(3) * 5.0)
@@ -307,7 +306,7 @@ def test_import_name_must_be_one_plain_component(chain_data_dir, tmp_path, name)
     directory, _ = _chain_source(chain_data_dir)
     out = tmp_path / "deep" / "out"
     with pytest.raises(ValueError, match="name"):
-        generate.import_trajectory(directory / "trajectory.dcd", directory / "topology.pdb", 5.0, out,
+        trajectory_import.import_trajectory(directory / "trajectory.dcd", directory / "topology.pdb", 5.0, out,
                                    name=name, masses=[1.0] * 16)
     assert not (tmp_path / "deep" / "escape").exists()
     assert not out.exists() or not any(out.iterdir())
@@ -321,7 +320,7 @@ def test_dataset_index_paths_stay_inside_the_data_set(chain_data_dir, tmp_path):
         index["trajectories"][0]["path"] = bad
         (data / "dataset.json").write_text(json.dumps(index))
         with pytest.raises(ValueError, match="outside the data set"):
-            generate.list_trajectories(data)
+            trajectories.list_trajectories(data)
 
 
 # ----------------------------------------------------------------------------- 9: corrupt files

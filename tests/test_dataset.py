@@ -8,7 +8,7 @@ import torch
 from openmm_cgml.coarse_grain import CGMapping
 from openmm_cgml.dataset import (CGTrajectory, WindowDataset, load_cg_trajectory,
                                  make_train_val_datasets, split_by_system, window_indices)
-from openmm_cgml.generate import list_trajectories, load_trajectory
+from openmm_cgml.trajectories import list_trajectories, load_trajectory
 
 
 def test_window_indices_are_exact():

@@ -7,7 +7,7 @@ import pytest
 
 from openmm_cgml import evaluate
 from openmm_cgml.cli import main as cgml
-from openmm_cgml.generate import list_trajectories, load_trajectory
+from openmm_cgml.trajectories import list_trajectories, load_trajectory
 from openmm_cgml.simulator import LearnedSimulator
 
 DPI = 120  # plots._finish saves at this resolution

@@ -142,7 +142,7 @@ def test_bad_distances_are_refused(tmp_path):
 
 def test_training_learns_the_distance_from_data_and_the_export_carries_it(exported_tiny_model, chain_data_dir):
     from openmm_cgml import analysis
-    from openmm_cgml.generate import list_trajectories, load_trajectory
+    from openmm_cgml.trajectories import list_trajectories, load_trajectory
     from openmm_cgml.simulator import LearnedSimulator
     from openmm_cgml.train import build_datasets, exclusion_distance, load_config
 

@@ -9,8 +9,8 @@ import openmm
 import pytest
 from openmm import app, unit
 
-from openmm_cgml import generate
-from openmm_cgml.systems.base import BuiltSystem, SystemSpec
+from openmm_cgml import generate, trajectories, trajectory_import
+from openmm_cgml.systems.base import BuiltSystem, Equilibration, SystemSpec
 
 
 def test_generated_data_set_layout_and_metadata(chain_data_dir, chain_settings):
@@ -78,7 +78,7 @@ def _periodic_dimers(box_nm=2.0, n_molecules=4):
     spec = SystemSpec("test", "dimers", "train", 3, {"n_molecules": n_molecules}, n_frames=150)
     return BuiltSystem(spec, topology, system, np.asarray(positions) * unit.nanometer, temperature,
                        timestep, 0.04 * unit.picosecond, [a.element.symbol for a in topology.atoms()],
-                       ["C-O"] * n_molecules, make_integrator, lambda simulation, progress=None: None, True)
+                       ["C-O"] * n_molecules, make_integrator, Equilibration(0, lambda simulation, report: {}), True)
 
 
 class _Killed(Exception):
@@ -96,7 +96,7 @@ def _kill_after(n):
 def test_resumed_run_equals_uninterrupted_run(tmp_path, platform):
     kwargs = dict(n_frames=10, chunk_frames=3, platform=platform, threads=1, progress=False)
     reference_dir = generate.generate_trajectory(_periodic_dimers(), tmp_path / "a", **kwargs)
-    reference = generate.load_trajectory(reference_dir)
+    reference = trajectories.load_trajectory(reference_dir)
 
     out = tmp_path / "b"
     for kill_at in (1, 3):  # killed twice, after chunks 1 and 3 (of 4)
@@ -108,7 +108,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, platform):
     # a stray chunk from a run killed before it updated progress.json must be ignored
     np.savez(out / reference.name / "production" / "chunk_00004.npz", positions=np.zeros(1))
     resumed_dir = generate.generate_trajectory(_periodic_dimers(), out, **kwargs)
-    resumed = generate.load_trajectory(resumed_dir)
+    resumed = trajectories.load_trajectory(resumed_dir)
     assert resumed.n_frames == 10
     np.testing.assert_array_equal(resumed.positions, reference.positions)
     np.testing.assert_array_equal(resumed.box, reference.box)
@@ -130,7 +130,7 @@ def test_periodic_trajectory_is_stored_unwrapped_and_imports_back(tmp_path):
     box = 2.0
     directory = generate.generate_trajectory(_periodic_dimers(box), tmp_path / "data", platform="Reference",
                                              progress=False)
-    record = generate.load_trajectory(directory)
+    record = trajectories.load_trajectory(directory)
     assert record.periodic and record.box.shape == (150, 3, 3)
     np.testing.assert_allclose(record.box[:, 0, 0], box, rtol=1e-6)
     positions = record.positions.astype(np.float64)
@@ -148,10 +148,10 @@ def test_periodic_trajectory_is_stored_unwrapped_and_imports_back(tmp_path):
     pdb_path, dcd_path = tmp_path / "user.pdb", tmp_path / "user.dcd"
     top = record.topology
     top.setPeriodicBoxVectors(record.box[0] * unit.nanometer)
-    generate.write_topology_pdb(pdb_path, top, wrapped[0])
+    trajectories.write_topology_pdb(pdb_path, top, wrapped[0])
     with mdtraj.formats.DCDTrajectoryFile(str(dcd_path), "w") as handle:
         handle.write((wrapped * 10).astype(np.float32), cell_lengths=np.full((150, 3), box * 10), cell_angles=np.full((150, 3), 90.0))
-    imported = generate.import_trajectory(dcd_path, pdb_path, 0.04 * unit.picosecond, tmp_path / "user_data",
+    imported = trajectory_import.import_trajectory(dcd_path, pdb_path, 0.04 * unit.picosecond, tmp_path / "user_data",
                                           name="mine")
     assert imported.atom_types == ["C", "O"] * 4
     np.testing.assert_allclose(imported.masses, [12.01, 16.00] * 4, atol=0.01)
@@ -162,7 +162,7 @@ def test_periodic_trajectory_is_stored_unwrapped_and_imports_back(tmp_path):
     np.testing.assert_allclose(shift, shift[:1].repeat(150, axis=0), atol=2e-4)
     np.testing.assert_allclose(shift[0, 0::2], shift[0, 1::2], atol=2e-4)
     np.testing.assert_allclose(shift / box, np.round(shift / box), atol=2e-4)
-    assert [p.name for p in generate.list_trajectories(tmp_path / "user_data")] == ["mine"]
+    assert [p.name for p in trajectories.list_trajectories(tmp_path / "user_data")] == ["mine"]
 
 
 def test_import_rejects_topology_without_bonds(tmp_path):
@@ -171,9 +171,9 @@ def test_import_rejects_topology_without_bonds(tmp_path):
     for _ in range(2):
         topology.addAtom("Ar", app.element.argon, residue)
     pdb = tmp_path / "ar.pdb"
-    generate.write_topology_pdb(pdb, topology, np.array([[0, 0, 0], [0.5, 0, 0]]))
+    trajectories.write_topology_pdb(pdb, topology, np.array([[0, 0, 0], [0.5, 0, 0]]))
     with pytest.raises(ValueError, match="has no bonds"):
-        generate.import_trajectory(pdb, pdb, 1.0, tmp_path / "out")
+        trajectory_import.import_trajectory(pdb, pdb, 1.0, tmp_path / "out")
 
 
 def test_cli_generates_a_small_data_set(tmp_path):
@@ -183,5 +183,5 @@ def test_cli_generates_a_small_data_set(tmp_path):
     assert main(["generate", "chain", "--preset", "tiny", "--out", str(out), "--seed", "2",
                  "--n-train", "1", "--n-test", "0", "--n-monomers", "4", "--n-frames", "3",
                  "--set", "equilibration_tau=1", "--platform", "Reference", "--no-progress"]) == 0
-    record = generate.load_trajectory(out / "chain_train_000")
+    record = trajectories.load_trajectory(out / "chain_train_000")
     assert record.n_frames == 3 and record.n_atoms == 8

@@ -1,5 +1,4 @@
 """examples/quickstart.ipynb runs top to bottom (tiny model, few steps)."""
-import os
 from pathlib import Path
 
 import nbformat

@@ -9,7 +9,7 @@ import torch
 from openmm import app, unit
 
 import openmm_cgml
-from openmm_cgml.generate import list_trajectories, load_trajectory
+from openmm_cgml.trajectories import list_trajectories, load_trajectory
 
 torch.set_num_threads(1)
 

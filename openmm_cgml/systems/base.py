@@ -13,6 +13,7 @@ from typing import Any, Callable
 import openmm
 from openmm import app, unit
 
+from openmm_cgml.runtime import ProgressReport, progress_reporter
 
 PRESETS = ("tiny", "demo", "full")
 
@@ -32,6 +33,25 @@ class SystemSpec:
     n_frames: int | None = None
 
 
+@dataclass(frozen=True)
+class Equilibration:
+    """How a freshly minimised model reaches its production state.
+
+    ``run(simulation, report)`` advances ``simulation`` ``total_steps`` MD steps in all,
+    calling ``report(steps_done_now, stage)`` after each chunk, and returns a summary
+    (plain data, e.g. the final density; may be empty) that the generator stores in the
+    trajectory's metadata. Call the object itself with any progress sink
+    (:func:`openmm_cgml.runtime.progress_reporter`: None, a tqdm bar or
+    ``callable(fraction_done, stage)``).
+    """
+
+    total_steps: int
+    run: Callable[[app.Simulation, ProgressReport], dict[str, Any]]
+
+    def __call__(self, simulation: app.Simulation, progress: Any = None) -> dict[str, Any]:
+        return dict(self.run(simulation, progress_reporter(progress, self.total_steps)) or {})
+
+
 @dataclass
 class BuiltSystem:
     """An OpenMM model of one spec, ready to equilibrate and record.
@@ -39,8 +59,8 @@ class BuiltSystem:
     ``atom_types`` are the fine-graph node types (strings) the embedding GNN learns from;
     ``bond_types`` one string per ``topology.bonds()`` entry, in that order.
     ``make_integrator()`` returns a fresh integrator for production (NVT);
-    ``equilibrate(simulation, progress)`` brings the freshly minimised model to the
-    production state (e.g. NPT compression for melts); it may be a no-op.
+    ``equilibrate`` brings the freshly minimised model to the production state (e.g. NPT
+    compression for melts); it may run zero steps.
     """
 
     spec: SystemSpec
@@ -53,5 +73,5 @@ class BuiltSystem:
     atom_types: list[str]
     bond_types: list[str]
     make_integrator: Callable[[], openmm.Integrator]
-    equilibrate: Callable[..., None]
+    equilibrate: Equilibration
     periodic: bool

@@ -49,7 +49,8 @@ import numpy as np
 import openmm
 from openmm import app, unit
 
-from openmm_cgml.systems.base import BuiltSystem, SystemSpec, PRESETS
+from openmm_cgml.runtime import openmm_seed
+from openmm_cgml.systems.base import PRESETS, BuiltSystem, Equilibration, SystemSpec
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,7 @@ def build(spec: SystemSpec, params: ChainParameters | None = None) -> BuiltSyste
     temperature = params.temperature
     timestep = params.timestep_tau * tau
     friction = params.friction_per_tau / tau
-    integrator_seed = int(spec.seed) % (2**31 - 2) + 1  # OpenMM treats 0 as "random"
+    integrator_seed = openmm_seed(spec.seed)
 
     def make_integrator() -> openmm.Integrator:
         integrator = openmm.LangevinMiddleIntegrator(temperature, friction, timestep)
@@ -317,25 +318,16 @@ def build(spec: SystemSpec, params: ChainParameters | None = None) -> BuiltSyste
     equilibration_steps = int(round(float(spec.composition.get("equilibration_tau", 0.0))
                                     / params.timestep_tau))
 
-    def equilibrate(simulation: app.Simulation, progress=None) -> None:
-        """Langevin NVT at kT = 1 from the minimised structure (same as production).
-
-        ``progress``: None, a tqdm-like object (gets ``update(n_steps)``) or a callable
-        ``progress(fraction_done, message)``."""
+    def equilibrate(simulation: app.Simulation, report) -> dict:
+        """Langevin NVT at kT = 1 from the minimised structure (same as production)."""
         done = 0
         chunk = max(1, equilibration_steps // 20)
         while done < equilibration_steps:
             steps = min(chunk, equilibration_steps - done)
             simulation.step(steps)
             done += steps
-            if progress is None:
-                continue
-            if hasattr(progress, "update") and not callable(progress):
-                progress.update(steps)
-            else:
-                progress(done / equilibration_steps, "NVT")
-
-    equilibrate.total_steps = equilibration_steps
+            report(steps, "NVT")
+        return {}
 
     return BuiltSystem(
         spec=spec,
@@ -348,7 +340,7 @@ def build(spec: SystemSpec, params: ChainParameters | None = None) -> BuiltSyste
         atom_types=atom_types,
         bond_types=bond_types,
         make_integrator=make_integrator,
-        equilibrate=equilibrate,
+        equilibrate=Equilibration(equilibration_steps, equilibrate),
         periodic=False,
     )
 

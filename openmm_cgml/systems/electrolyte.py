@@ -90,18 +90,14 @@ progress)``:
 
 Production is Langevin NVT at T (PME), 4 fs, one frame every 2 ps.
 
-Progress callback
------------------
-``equilibrate(simulation, progress=None)`` reports through ``progress``:
-
-* a callable ``progress(fraction_done: float, message: str)`` is called after every
-  chunk (~2 % of the steps) with the fraction of equilibration MD steps done (0..1]
-  and the stage name, e.g. ``progress(0.35, "compress 1.02 g/cm3")``;
-* a tqdm-like object (has ``update`` and is not callable) gets ``update(n_steps)``;
-  ``equilibrate.total_steps`` is the total number of MD steps, for its ``total``.
-
-After equilibration ``equilibrate.summary`` holds the final density, box edge and the
-estimated density.
+Progress and summary
+--------------------
+``built.equilibrate`` is an :class:`~openmm_cgml.systems.base.Equilibration`:
+``built.equilibrate(simulation, progress)`` reports after every chunk (~2 % of the
+steps) to ``progress`` (None, a tqdm bar, or ``progress(fraction_done, stage)``, e.g.
+``progress(0.35, "compress 1.02 g/cm3")``); ``built.equilibrate.total_steps`` is the
+number of MD steps. It returns the summary (final density, box edge, estimated density,
+NPT density trace) that the generator stores in the trajectory metadata.
 """
 from __future__ import annotations
 
@@ -112,15 +108,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import openmm
 from openmm import app, unit
 
-from openmm_cgml.systems.base import PRESETS, BuiltSystem, SystemSpec
+from openmm_cgml.runtime import openmm_seed
+from openmm_cgml.systems.base import PRESETS, BuiltSystem, Equilibration, SystemSpec
 
 FORCEFIELD_XML = Path(__file__).with_name("data") / "electrolyte.xml"
 
@@ -740,7 +737,7 @@ def build(spec: SystemSpec, params: ElectrolyteParameters = PARAMETERS) -> Built
     temperature = temperature_K * unit.kelvin
     timestep = params.timestep_fs * unit.femtosecond
     friction = params.friction_per_ps / unit.picosecond
-    integrator_seed = int(spec.seed) % (2**31 - 2) + 1  # OpenMM treats 0 as "random"
+    integrator_seed = openmm_seed(spec.seed)
 
     def make_integrator() -> openmm.Integrator:
         integrator = openmm.LangevinMiddleIntegrator(temperature, friction, timestep)
@@ -775,27 +772,9 @@ def build(spec: SystemSpec, params: ElectrolyteParameters = PARAMETERS) -> Built
 
 
 # ----------------------------------------------------------------------------- equilibration
-def _progress_reporter(progress, total_steps: int) -> Callable[[int, str], None]:
-    """Adapt ``progress`` (callable(fraction, message) or tqdm-like) to report(steps, stage)."""
-    done = [0]
-
-    def report(steps: int, message: str) -> None:
-        done[0] += steps
-        if progress is None:
-            return
-        if hasattr(progress, "update") and not callable(progress):
-            progress.update(steps)
-            if hasattr(progress, "set_description_str"):
-                progress.set_description_str(message)
-        else:
-            progress(min(1.0, done[0] / max(total_steps, 1)), message)
-
-    return report
-
-
 def _make_equilibrate(temperature: unit.Quantity, pressure_bar: float, target_density: float,
                       heat_ps: float, compress_ps: float, npt_ps: float, seed: int,
-                      params: ElectrolyteParameters) -> Callable[..., None]:
+                      params: ElectrolyteParameters) -> Equilibration:
     heat_steps = int(round(heat_ps * 1000.0 / params.heating_timestep_fs))
     compress_steps = int(round(compress_ps * 1000.0 / params.compression_timestep_fs))
     npt_steps = int(round(npt_ps * 1000.0 / params.timestep_fs))
@@ -812,10 +791,9 @@ def _make_equilibrate(temperature: unit.Quantity, pressure_bar: float, target_de
                 after_chunk()
             report(n, stage)
 
-    def equilibrate(simulation: app.Simulation, progress=None) -> None:
+    def equilibrate(simulation: app.Simulation, report) -> dict[str, Any]:
         """Heat (NVT), compress to the melt density (NVT), relax at 1 bar (NPT); see module doc."""
         context, system, integrator = simulation.context, simulation.system, simulation.integrator
-        report = _progress_reporter(progress, total_steps)
         can_change_step = hasattr(integrator, "setStepSize")
         production_step = integrator.getStepSize()
         context.setVelocitiesToTemperature(temperature, seed)
@@ -862,20 +840,11 @@ def _make_equilibrate(temperature: unit.Quantity, pressure_bar: float, target_de
             _scale_box(context, system, (mean_volume / _volume_nm3(context.getState())) ** (1.0 / 3.0))
 
         final_volume = _volume_nm3(context.getState())
-        equilibrate.summary = {
+        return {
             "density_g_cm3": density_g_cm3(system, final_volume),
             "box_edge_nm": final_volume ** (1.0 / 3.0),
             "target_density_g_cm3": target_density,
             "npt_density_trace_g_cm3": [density_g_cm3(system, v) for v in volumes],
         }
 
-    equilibrate.total_steps = total_steps
-    equilibrate.summary = {}
-    return equilibrate
-
-
-def parameters_dict(params: ElectrolyteParameters = PARAMETERS) -> dict:
-    """Plain-data view of the parameters (stored in trajectory metadata)."""
-    data = asdict(params)
-    data["forcefield_xml"] = FORCEFIELD_XML.name
-    return data
+    return Equilibration(total_steps, equilibrate)
