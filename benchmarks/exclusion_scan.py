@@ -30,8 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", help="override the checkpoint's data_dir")
     args = parser.parse_args(argv)
 
-    from openmm_cgml.export import run_checkpoint
-    from openmm_cgml.train import TrainConfig, build_datasets, build_models_from_checkpoint, bond_length_limit, \
+    from openmm_cgml.packaging import run_checkpoint
+    from openmm_cgml.training import TrainConfig, build_datasets, build_models_from_checkpoint, bond_length_limit, \
         distance_pools, exclusion_distance, load_checkpoint
     from openmm_cgml.validation import RolloutValidator
 

@@ -10,7 +10,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from openmm_cgml.train import load_checkpoint
+    from openmm_cgml.training import load_checkpoint
 
     runs = list(argv if argv is not None else sys.argv[1:])
     if not runs:

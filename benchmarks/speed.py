@@ -27,7 +27,7 @@ from openmm_cgml import CGMLIntegrator
 from openmm_cgml.coarse_grain import CGMapping
 from openmm_cgml.models import build_dynamics_model, build_score_model, export_models
 from openmm_cgml.systems import get_system_module
-from openmm_cgml.train import load_config
+from openmm_cgml.training import load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import timed  # noqa: E402

@@ -707,6 +707,14 @@ def nearest_nonbonded_distances(positions, boxes=None, bonds=None, frames=None) 
     return out
 
 
+def evenly_spaced(n: int, limit: int | None) -> np.ndarray:
+    """At most ``limit`` evenly spaced indices of ``range(n)`` (all of them for None),
+    first and last included: the one rule for subsampling frames and windows."""
+    if limit is None or n <= limit:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, int(limit)).astype(int))
+
+
 def collision_threshold(reference_positions, boxes=None, bonds=None, quantile: float = 0.01,
                         max_frames: int = 200) -> float:
     """Collision distance from the reference: a low quantile (default 1 %) of the pooled
@@ -715,7 +723,7 @@ def collision_threshold(reference_positions, boxes=None, bonds=None, quantile: f
     if not 0 < quantile < 1:
         raise ValueError("quantile must be in (0, 1)")
     x = _positions(reference_positions, "reference_positions")
-    frames = np.unique(np.linspace(0, x.shape[0] - 1, min(max_frames, x.shape[0])).astype(int))
+    frames = evenly_spaced(x.shape[0], max_frames)
     d = nearest_nonbonded_distances(x, boxes, bonds, frames)
     d = d[np.isfinite(d)]
     return float(np.quantile(d, quantile))

@@ -22,8 +22,8 @@ import sys
 COMMAND_MODULES = [
     "openmm_cgml.generate",
     "openmm_cgml.trajectory_import",
-    "openmm_cgml.train",
-    "openmm_cgml.export",
+    "openmm_cgml.training",
+    "openmm_cgml.packaging",
     "openmm_cgml.evaluate",
     "openmm_cgml.demo",
 ]

@@ -115,6 +115,23 @@ def build_vocabulary(type_lists: Sequence[Sequence[str]]) -> list[str]:
     return sorted({str(t) for types in type_lists for t in types})
 
 
+def atom_pair_key(type_a: str, type_b: str) -> str:
+    """Key of an unordered atom-type pair in a bond-type table ("A|B", sorted)."""
+    return "|".join(sorted((str(type_a), str(type_b))))
+
+
+def bond_type_table(mappings: Sequence["CGMapping"]) -> dict[str, str]:
+    """{atom_pair_key: bond type} over the fine bonds of ``mappings``; a pair seen with
+    several bond types maps to "" (ambiguous). Lets a model type the bonds of a new
+    topology that has atom types only."""
+    table: dict[str, set] = {}
+    for mapping in mappings:
+        types = mapping.atom_types
+        for (i, j), bond_type in zip(mapping.fine_bonds.tolist(), mapping.bond_types):
+            table.setdefault(atom_pair_key(types[i], types[j]), set()).add(bond_type)
+    return {k: (next(iter(v)) if len(v) == 1 else "") for k, v in sorted(table.items())}
+
+
 def types_to_index(types: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
     """Integer index of each type in ``vocabulary`` (int64); unknown types are an error."""
     lookup = {t: i for i, t in enumerate(vocabulary)}
@@ -229,13 +246,6 @@ class CGMapping:
         bonds = [[b[0].index, b[1].index] for b in bond_iter]
         return cls.from_graph(len(atoms), bonds, masses, cg_level, **kwargs)
 
-    @classmethod
-    def from_record(cls, record, cg_level: float, **kwargs) -> "CGMapping":
-        """From a :class:`openmm_cgml.trajectories.TrajectoryRecord` (uses its metadata graph)."""
-        return cls.from_graph(record.n_atoms, record.bonds, record.masses, cg_level,
-                              atom_types=record.atom_types, bond_types=record.bond_types, **kwargs)
-
-    # ------------------------------------------------------------------ properties
     @property
     def n_atoms(self) -> int:
         return len(self.bead_of_atom)

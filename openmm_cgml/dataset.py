@@ -66,7 +66,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from openmm_cgml.coarse_grain import CGMapping, build_vocabulary
+from openmm_cgml.coarse_grain import CGMapping, bond_type_table, build_vocabulary
 from openmm_cgml.trajectories import (TRAJECTORY_FILE, list_trajectories, load_trajectory,
                                   read_metadata)
 
@@ -252,13 +252,16 @@ class WindowDataset:
 
     def __init__(self, trajectories: Sequence[CGTrajectory], seq_len: int, dilation: int,
                  stride: int = 1, atom_vocabulary: Sequence[str] | None = None,
-                 bond_vocabulary: Sequence[str] | None = None):
+                 bond_vocabulary: Sequence[str] | None = None, bond_type_of_pair: dict[str, str] | None = None):
         self.trajectories = list(trajectories)
         self.seq_len, self.dilation, self.stride = int(seq_len), int(dilation), int(stride)
         self.atom_vocabulary = list(atom_vocabulary) if atom_vocabulary is not None else \
             build_vocabulary([t.mapping.atom_types for t in self.trajectories])
         self.bond_vocabulary = list(bond_vocabulary) if bond_vocabulary is not None else \
             build_vocabulary([t.mapping.bond_types for t in self.trajectories])
+        #: bond type of each atom-type pair (coarse_grain.bond_type_table), for new topologies
+        self.bond_type_of_pair = dict(bond_type_of_pair) if bond_type_of_pair is not None else \
+            bond_type_table([t.mapping for t in self.trajectories])
         self.systems: list[SystemGraph] = []
         index_rows = []
         for k, trajectory in enumerate(self.trajectories):
@@ -390,7 +393,8 @@ def make_train_val_datasets(data_dir: str | os.PathLike, cg_level: float, seq_le
                             ) -> tuple[WindowDataset, WindowDataset]:
     """Training and validation window sets from the "train" systems of ``data_dir``,
     split by system; both share one type vocabulary (built from every system in the
-    data set, so test systems can be indexed with it too)."""
+    data set, so test systems can be indexed with it too), and so do the bond types of
+    atom-type pairs (``bond_type_of_pair``)."""
     all_trajectories = load_cg_trajectories(data_dir, cg_level, kind=kind, **mapping_options)
     train_pool = [t for t in all_trajectories if t.split == "train"]
     if not train_pool:
@@ -398,9 +402,10 @@ def make_train_val_datasets(data_dir: str | os.PathLike, cg_level: float, seq_le
     train_names, val_names = split_by_system([t.name for t in train_pool], val_fraction, seed)
     atom_vocabulary = build_vocabulary([t.mapping.atom_types for t in all_trajectories])
     bond_vocabulary = build_vocabulary([t.mapping.bond_types for t in all_trajectories])
+    pair_types = bond_type_table([t.mapping for t in all_trajectories])
 
     def subset(names):
         return WindowDataset([t for t in train_pool if t.name in set(names)], seq_len, dilation,
-                             stride, atom_vocabulary, bond_vocabulary)
+                             stride, atom_vocabulary, bond_vocabulary, pair_types)
 
     return subset(train_names), subset(val_names)

@@ -33,10 +33,10 @@ DEMO_TRAINING = {"steps": 1200, "model.score_levels": 10, "model.langevin_steps"
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, rollout_factor: float = 10.0,
              train_steps: int | None = None, progress: bool = True) -> Path:
     from openmm_cgml.evaluate import check_rollout_factor, check_seed, run_evaluation
-    from openmm_cgml.export import export_checkpoint
+    from openmm_cgml.packaging import export_checkpoint
     from openmm_cgml.generate import generate_dataset
     from openmm_cgml.simulator import PRETRAINED_DIR, LearnedSimulator
-    from openmm_cgml.train import train
+    from openmm_cgml.training import train
 
     # refuse bad options now, not after minutes of reference MD
     check_rollout_factor(rollout_factor)

@@ -27,7 +27,6 @@ against the embedding; a periodic model refuses a system without a box and vice 
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,8 @@ import numpy as np
 import openmm
 from openmm import app, unit
 
-from openmm_cgml.coarse_grain import CGMapping
+from openmm_cgml.coarse_grain import CGMapping, atom_pair_key
+from openmm_cgml.manifest import MANIFEST, load_embedding_state, read_manifest
 
 __all__ = ["LearnedSimulator", "CGSystem"]
 
@@ -101,74 +101,6 @@ class CGSystem:
                 f"features {self.features.shape[1]}, periodic={self.periodic}>")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-
-
-#: required manifest keys: (check, what it must be)
-_MANIFEST_SCHEMA = {
-    "format": (lambda v: isinstance(v, str), "a string"),
-    "files": (lambda v: isinstance(v, dict), "an object"),
-    "periodic": (lambda v: isinstance(v, bool), "a bool (true/false)"),
-    "step_size_ps": (lambda v: _is_number(v) and v > 0, "a positive number"),
-    "record_interval_ps": (lambda v: _is_number(v) and v > 0, "a positive number"),
-    "seq_len": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-    "dilation": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-    "cg": (lambda v: isinstance(v, dict), "an object"),
-    "atom_vocabulary": (lambda v: isinstance(v, list) and v and all(isinstance(t, str) for t in v),
-                        "a non-empty list of strings"),
-    "bond_vocabulary": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of strings"),
-}
-_CG_SCHEMA = {
-    "cg_level": (lambda v: _is_number(v) and v > 0, "a positive number"),
-    "small_molecules_as_beads": (lambda v: isinstance(v, bool), "a bool"),
-    "small_molecule_max_atoms": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-}
-
-
-def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
-    """Check a model manifest's format, required keys and their types (ValueError naming
-    ``path`` and every problem). Returns the manifest."""
-    from openmm_cgml.export import MANIFEST_FORMAT
-
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: a model manifest must be a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path}: unknown manifest format {manifest.get('format')!r} (this openmm-cgml "
-                         f"reads {MANIFEST_FORMAT!r}); re-export the model with this version")
-    problems = [f"missing key {key!r}" for key in _MANIFEST_SCHEMA if key not in manifest]
-    problems += [f"{key!r} must be {what}, got {manifest[key]!r}" for key, (ok, what) in _MANIFEST_SCHEMA.items()
-                 if key in manifest and not ok(manifest[key])]
-    if isinstance(manifest.get("cg"), dict):
-        cg = manifest["cg"]
-        problems += [f"missing key 'cg.{key}'" for key in _CG_SCHEMA if key not in cg]
-        problems += [f"'cg.{key}' must be {what}, got {cg[key]!r}" for key, (ok, what) in _CG_SCHEMA.items()
-                     if key in cg and not ok(cg[key])]
-        if "seed" in cg and not _is_int(cg["seed"]):
-            problems.append(f"'cg.seed' must be an int, got {cg['seed']!r}")
-    if isinstance(manifest.get("files"), dict):
-        files = manifest["files"]
-        for key in ("dynamics", "embedding"):
-            if not isinstance(files.get(key), str) or not files.get(key):
-                problems.append(f"'files.{key}' must be a file name, got {files.get(key)!r}")
-        for key in ("score", "property"):
-            if files.get(key) is not None and not isinstance(files[key], str):
-                problems.append(f"'files.{key}' must be a file name or null, got {files[key]!r}")
-    if "bond_type_of_pair" in manifest and not isinstance(manifest["bond_type_of_pair"], dict):
-        problems.append(f"'bond_type_of_pair' must be an object, got {manifest['bond_type_of_pair']!r}")
-    if not problems and abs(manifest["step_size_ps"] - manifest["dilation"] * manifest["record_interval_ps"]) \
-            > 1e-6 * manifest["step_size_ps"]:
-        problems.append(f"step_size_ps {manifest['step_size_ps']} is not dilation x record_interval_ps "
-                        f"({manifest['dilation']} x {manifest['record_interval_ps']})")
-    if problems:
-        raise ValueError(f"{path}: invalid model manifest: " + "; ".join(problems))
-    return manifest
-
-
 class LearnedSimulator:
     """An exported learned simulator (``cgml export`` directory); see the module docstring."""
 
@@ -194,8 +126,6 @@ class LearnedSimulator:
     @staticmethod
     def available_pretrained() -> list[str]:
         """Names of the pretrained models shipped with the package."""
-        from openmm_cgml.export import MANIFEST
-
         if not PRETRAINED_DIR.is_dir():
             return []
         return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / MANIFEST).is_file())
@@ -208,37 +138,12 @@ class LearnedSimulator:
         embedding's (ValueError naming the file and the mismatch)."""
         import torch
 
-        from openmm_cgml.export import EMBEDDING_FORMAT, MANIFEST
-        from openmm_cgml.files import contained_path
         from openmm_cgml.models import ModelConfig, build_embedding_model
 
         directory = Path(directory)
         path = directory / MANIFEST
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: export a checkpoint with `cgml export CKPT -o DIR`")
-        try:
-            manifest = json.loads(path.read_text())
-        except (UnicodeDecodeError, ValueError) as err:
-            raise ValueError(f"{path}: not a valid JSON model manifest ({err})") from None
-        validate_manifest(manifest, path)
-        files = {key: contained_path(directory, name, f"{path}: files.{key}", "the model directory")
-                 for key, name in manifest["files"].items() if name is not None}
-        for key, file in files.items():
-            if not file.is_file():
-                raise FileNotFoundError(f"{path}: files.{key} names {file}, which does not exist")
-        embedding_path = files["embedding"]
-        try:
-            saved = torch.load(embedding_path, map_location="cpu", weights_only=True)
-        except Exception as err:  # corrupt / not a torch file
-            raise ValueError(f"{embedding_path}: cannot read the embedding file ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
-        if not isinstance(saved, dict) or saved.get("format") != EMBEDDING_FORMAT:
-            raise ValueError(f"{embedding_path}: not an openmm-cgml embedding file (expected format "
-                             f"{EMBEDDING_FORMAT!r})")
-        for key, vocabulary in (("num_atom_types", "atom_vocabulary"), ("num_bond_types", "bond_vocabulary")):
-            if saved.get(key) != len(manifest[vocabulary]):
-                raise ValueError(f"{path}: {vocabulary} has {len(manifest[vocabulary])} types but "
-                                 f"{embedding_path.name} was trained with {saved.get(key)}")
+        manifest, files = read_manifest(directory)
+        saved = load_embedding_state(files["embedding"], manifest, path)
         try:
             dynamics = torch.jit.load(str(files["dynamics"]), map_location="cpu")
         except Exception as err:
@@ -376,7 +281,7 @@ class LearnedSimulator:
             return [self.bond_vocabulary[0]] * len(bonds)
         out, unknown = [], set()
         for i, j in bonds.tolist():
-            key = "|".join(sorted((atom_types[i], atom_types[j])))
+            key = atom_pair_key(atom_types[i], atom_types[j])
             bond_type = self.bond_type_of_pair.get(key, "")
             if not bond_type:
                 unknown.add(key.replace("|", "-"))

@@ -53,7 +53,7 @@ class _System:
 
 
 def _script_bytes(module: torch.nn.Module, kind: str) -> bytes:
-    from openmm_cgml.models.export import script_checked
+    from openmm_cgml.models.torchscript import script_checked
 
     buffer = io.BytesIO()
     torch.jit.save(script_checked(module, kind)[1], buffer)

@@ -28,8 +28,8 @@ def chain_data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def exported_tiny_model(chain_data_dir, tmp_path_factory):
     """A chain-tiny model trained for a few steps on ``chain_data_dir`` and exported."""
-    from openmm_cgml.export import export_checkpoint
-    from openmm_cgml.train import load_config, train
+    from openmm_cgml.packaging import export_checkpoint
+    from openmm_cgml.training import load_config, train
 
     run = tmp_path_factory.mktemp("tiny_run")
     config = load_config("chain-tiny", {"data_dir": str(chain_data_dir), "steps": 20, "val_every": 0,

@@ -66,7 +66,7 @@ def test_bad_config_value(capsys, override, message):
 
 
 def test_valid_number_text_and_int_for_float_are_accepted():
-    from openmm_cgml.train import load_config
+    from openmm_cgml.training import load_config
 
     config = load_config("chain-tiny", {"optimizer.lr": "1e-3", "cg_level": 4, "model.cutoff": 2})
     assert config.optimizer["lr"] == 1e-3 and isinstance(config.cg_level, float)

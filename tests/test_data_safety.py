@@ -108,8 +108,8 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
 
 
 def test_failed_export_keeps_the_old_model(exported_tiny_model, tmp_path, monkeypatch):
-    import openmm_cgml.models.export as models_export
-    from openmm_cgml.export import export_checkpoint
+    import openmm_cgml.models.torchscript as models_export
+    from openmm_cgml.packaging import export_checkpoint
     from openmm_cgml.models import ExportError
 
     model = _copy_model(exported_tiny_model, tmp_path)
@@ -140,7 +140,8 @@ def test_failed_export_keeps_the_old_model(exported_tiny_model, tmp_path, monkey
 
 
 def test_export_replaces_a_model_in_place_and_keeps_other_files(exported_tiny_model, tmp_path):
-    from openmm_cgml.export import MANIFEST, export_checkpoint
+    from openmm_cgml.manifest import MANIFEST
+    from openmm_cgml.packaging import export_checkpoint
 
     model = _copy_model(exported_tiny_model, tmp_path)
     (model / "NOTES.txt").write_text("mine")
@@ -239,7 +240,7 @@ def test_truncated_dcd_import_warns(chain_data_dir, tmp_path):
     cut = tmp_path / "cut.dcd"
     data = (directory / "trajectory.dcd").read_bytes()
     cut.write_bytes(data[:-100])  # killed while writing the last frame
-    with pytest.warns(UserWarning, match=r"cut\.dcd.*truncated.*30 frames.*29") as record:
+    with pytest.warns(UserWarning, match=r"cut\.dcd.*truncated.*30 frames.*29"):
         imported = trajectory_import.import_trajectory(cut, directory / "topology.pdb", 5.0, tmp_path / "cut", **kwargs)
     assert imported.n_frames == metadata["n_frames"] - 1
 
@@ -331,14 +332,14 @@ def _copy_run(exported, tmp_path) -> Path:
 
 
 def _tiny_config(chain_data_dir):
-    from openmm_cgml.train import load_config
+    from openmm_cgml.training import load_config
 
     return load_config("chain-tiny", {"data_dir": str(chain_data_dir), "steps": 20, "val_every": 0,
                                       "checkpoint_every": 20, "num_threads": 1})
 
 
 def test_resume_falls_back_from_a_corrupt_last_checkpoint(exported_tiny_model, chain_data_dir, tmp_path):
-    from openmm_cgml.train import Trainer, load_checkpoint
+    from openmm_cgml.training import Trainer, load_checkpoint
 
     run = _copy_run(exported_tiny_model, tmp_path)
     checkpoints = run / "checkpoints"

@@ -168,9 +168,9 @@ def test_rollout_factor_must_be_positive(exported_tiny_model, chain_data_dir, tm
 
 def test_evaluate_periodic_electrolyte(tmp_path, recorded_figures):
     """The periodic path: tiny PEO/LiTFSI data, a briefly trained model, RDFs and diffusivities."""
-    from openmm_cgml.export import export_checkpoint
+    from openmm_cgml.packaging import export_checkpoint
     from openmm_cgml.generate import generate_dataset
-    from openmm_cgml.train import load_config, train
+    from openmm_cgml.training import load_config, train
 
     data = tmp_path / "data"
     generate_dataset("electrolyte", "tiny", data, seed=0, overrides={"n_frames_train": 12, "n_frames_test": 12},

@@ -144,7 +144,7 @@ def test_training_learns_the_distance_from_data_and_the_export_carries_it(export
     from openmm_cgml import analysis
     from openmm_cgml.trajectories import list_trajectories, load_trajectory
     from openmm_cgml.simulator import LearnedSimulator
-    from openmm_cgml.train import build_datasets, exclusion_distance, load_config
+    from openmm_cgml.training import build_datasets, exclusion_distance, load_config
 
     learned = LearnedSimulator.load(exported_tiny_model)
     distance = learned.manifest["exclusion_distance_nm"]

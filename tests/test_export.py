@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from openmm_cgml.cli import main as cgml_main
-from openmm_cgml.export import MANIFEST, export_simulator
+from openmm_cgml.manifest import MANIFEST
+from openmm_cgml.packaging import export_simulator
 from openmm_cgml.models import ExportError
 from openmm_cgml.models.gns import GNSDynamics
-from openmm_cgml.train import build_models_from_checkpoint, load_checkpoint, load_config, train
+from openmm_cgml.training import build_models_from_checkpoint, load_checkpoint, load_config, train
 
 torch.set_num_threads(1)
 
@@ -67,7 +68,7 @@ torch.save({"out": (mean, std, latent, score), "seq_len": d.seq_len, "step": d.s
 def test_archives_load_in_fresh_process_and_match(trained, chain_data_dir, tmp_path):
     checkpoint, out = trained
     net = build_models_from_checkpoint(load_checkpoint(checkpoint)).eval()
-    from openmm_cgml.train import build_datasets
+    from openmm_cgml.training import build_datasets
 
     config = load_config("chain-tiny", {"data_dir": str(chain_data_dir)})
     train_set, _ = build_datasets(config)
@@ -127,7 +128,7 @@ def test_export_refuses_custom_ops(trained, tmp_path):
 
 def test_cli_reports_export_errors(trained, tmp_path, monkeypatch, capsys):
     checkpoint, _ = trained
-    import openmm_cgml.export as export_module
+    import openmm_cgml.packaging as export_module
 
     def refuse(*args, **kwargs):
         raise ExportError("dynamics module uses custom ops ['ops.warp.x']")

@@ -185,7 +185,7 @@ def test_rotated_window_gives_rotated_target():
     """Augmentation rotates input frames and target together: the loss of a batch under
     rotation R equals the loss of the model on R-rotated frames with the R-rotated
     acceleration as target; the gns model is not equivariant, so the loss changes."""
-    from openmm_cgml.train import CGMLNet
+    from openmm_cgml.models.net import CGMLNet
 
     torch.manual_seed(0)
     cfg = config()
@@ -242,7 +242,7 @@ def test_dataset_batch_losses_train_all_networks():
         "bond_type": two(bond_type),
         "bead_of_atom": torch.cat([bead_of_atom, bead_of_atom + n]),
     }
-    from openmm_cgml.train import CGMLNet
+    from openmm_cgml.models.net import CGMLNet
 
     batch.update({"atom_batch": torch.repeat_interleave(torch.arange(2), 2 * n), "system": torch.tensor([0, 0]),
                   "n_beads": torch.tensor([n, n]), "start_frame": torch.tensor([0, 3])})

@@ -129,9 +129,9 @@ def test_integrator_matches_python_rollout(exported, test_record):
 def test_fine_rg2_round_trip_matches_the_eager_head(exported, test_record):
     """LearnedSimulator.fineRg2 (TorchScript property.pt) == the trained eager head."""
     from openmm_cgml.analysis import radius_of_gyration_squared
-    from openmm_cgml.export import run_checkpoint
+    from openmm_cgml.packaging import run_checkpoint
     from openmm_cgml.models.property import property_molecules
-    from openmm_cgml.train import build_models_from_checkpoint, load_checkpoint
+    from openmm_cgml.training import build_models_from_checkpoint, load_checkpoint
 
     sim = openmm_cgml.LearnedSimulator.load(exported)
     assert sim.hasPropertyHead and sim.propertyPath.name == "property.pt"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from openmm_cgml.models.losses import sample_noise
-from openmm_cgml.train import TrainConfig, build_models_from_checkpoint, load_checkpoint, load_config, train
+from openmm_cgml.training import TrainConfig, build_models_from_checkpoint, load_checkpoint, load_config, train
 
 torch.set_num_threads(1)
 
@@ -64,7 +64,7 @@ def test_overfits_one_window(chain_data_dir, tmp_path):
     train(config, tmp_path / "run", progress=False)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     net = build_models_from_checkpoint(ckpt).eval()
-    from openmm_cgml.train import build_datasets
+    from openmm_cgml.training import build_datasets
 
     train_set, _ = build_datasets(config)
     assert len(train_set) == 1
@@ -164,7 +164,7 @@ def test_same_seed_same_losses(chain_data_dir, tmp_path):
 def test_noise_is_per_sample_not_per_batch(chain_data_dir):
     """The same window gets the same draws whatever batch it is in (so DDP and resume
     do not change the randomness)."""
-    from openmm_cgml.train import build_datasets
+    from openmm_cgml.training import build_datasets
 
     train_set, _ = build_datasets(tiny_config(chain_data_dir))
     ladder = torch.tensor([0.1, 0.05, 0.01])
@@ -179,7 +179,8 @@ def test_noise_is_per_sample_not_per_batch(chain_data_dir):
 
 def test_bead_features_once_per_system(chain_data_dir):
     """Deduplicated embedding (once per distinct system) == embedding of every graph."""
-    from openmm_cgml.train import CGMLNet, build_datasets
+    from openmm_cgml.models.net import CGMLNet
+    from openmm_cgml.training import build_datasets
 
     config = tiny_config(chain_data_dir, val_fraction=0.0)
     train_set, _ = build_datasets(config)
@@ -231,7 +232,7 @@ def test_property_head_falls_below_the_zero_residual_baseline(chain_data_dir, tm
     import json
 
     from openmm_cgml.models.losses import property_loss
-    from openmm_cgml.train import build_datasets
+    from openmm_cgml.training import build_datasets
 
     config = tiny_config(chain_data_dir, steps=40, val_every=40, log_every=10, checkpoint_every=40,
                          rollout={"enabled": False})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_cgml.train import build_datasets, load_checkpoint, load_config, train
+from openmm_cgml.training import build_datasets, load_checkpoint, load_config, train
 from openmm_cgml.validation import RolloutValidator, _script_bytes
 
 torch.set_num_threads(1)
@@ -60,7 +60,7 @@ def test_rollouts_run_through_the_integrator(validator, chain_data_dir):
     """An untrained network rolls out for n_steps from each start (no failure), with
     finite metrics; a zeroed decoder (mean acceleration 0: ballistic drift at the start
     velocities) makes the chain grow."""
-    from openmm_cgml.train import CGMLNet
+    from openmm_cgml.models.net import CGMLNet
 
     validator, val_set = validator
     config = tiny_config(chain_data_dir)
@@ -84,7 +84,7 @@ def test_rollouts_run_through_the_integrator(validator, chain_data_dir):
 
 
 def test_trainer_picks_best_by_rollout_and_export_takes_it(chain_data_dir, tmp_path):
-    from openmm_cgml.export import export_checkpoint, run_checkpoint
+    from openmm_cgml.packaging import export_checkpoint, run_checkpoint
 
     config = tiny_config(chain_data_dir, steps=30, val_every=10, checkpoint_every=30,
                          rollout={"steps": 5, "starts": 1})
@@ -110,8 +110,8 @@ def test_trainer_picks_best_by_rollout_and_export_takes_it(chain_data_dir, tmp_p
 def test_checkpoint_and_distance_limits_are_chosen_by_rollouts_after_training(chain_data_dir, tmp_path):
     import json
 
-    from openmm_cgml.export import export_checkpoint
-    from openmm_cgml.train import bond_length_limit, build_datasets, exclusion_distance
+    from openmm_cgml.packaging import export_checkpoint
+    from openmm_cgml.training import bond_length_limit, build_datasets, exclusion_distance
 
     config = tiny_config(chain_data_dir, steps=10, val_every=5, checkpoint_every=5,
                          rollout={"steps": 5, "starts": 1}, exclusion_calibration=[0.0, 0.3])

@@ -4,12 +4,11 @@ C++ integrator. The ``et`` classes import torchmd-net on first use only."""
 from .config import (ModelConfig, build_dynamics_model, build_embedding_model, build_score_model,
                      geometric_ladder)
 from .embedding import AtomEmbeddingGNN
-from .export import (ExportError, export_dynamics, export_models, export_module, export_score,
-                     find_custom_ops, verify_archive)
 from .gns import GNSDynamics, GNSScore
 from .graph import EDGE_BOND, EDGE_RADIUS, EDGE_SELF, build_graph, build_graph_batched, radius_edges
 from .losses import (acceleration_target, dsm_loss, dynamics_loss, gaussian_nll, sample_noise, score_loss,
                      trajectory_statistics)
+from .torchscript import ExportError, export_dynamics, export_models, export_module, find_custom_ops, verify_archive
 
 _LAZY = {"ETDynamics": "et", "ETScore": "et", "ETBackbone": "et"}
 
@@ -25,7 +24,7 @@ def __getattr__(name):
 __all__ = [
     "ModelConfig", "build_dynamics_model", "build_embedding_model", "build_score_model",
     "geometric_ladder", "AtomEmbeddingGNN", "ExportError", "export_dynamics", "export_models",
-    "export_module", "export_score", "find_custom_ops", "verify_archive", "GNSDynamics", "GNSScore",
+    "export_module", "find_custom_ops", "verify_archive", "GNSDynamics", "GNSScore",
     "EDGE_BOND", "EDGE_RADIUS", "EDGE_SELF", "build_graph", "build_graph_batched", "radius_edges",
     "acceleration_target", "dsm_loss", "dynamics_loss", "gaussian_nll", "sample_noise", "score_loss",
     "trajectory_statistics",

@@ -1,5 +1,5 @@
 """The training objective, in one place: the losses (docs: METHOD steps 4 and 5), the
-training noise and the data augmentation. ``openmm_cgml.train`` and the tests use these
+training noise and the data augmentation. ``openmm_cgml.training`` and the tests use these
 functions and nothing else.
 
 All functions work on batched graphs: beads of B graphs concatenated along the bead

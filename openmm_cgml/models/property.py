@@ -18,7 +18,7 @@ rotations and translations, so the prediction is too. The output layer starts at
 an untrained head *is* the zero-residual baseline (Rg^2_fine = Rg^2_CG), and with a zero
 output layer it returns Rg^2_CG exactly.
 
-Exported as TorchScript (``property.pt``, see ``openmm_cgml.export``); the forward is
+Exported as TorchScript (``property.pt``, see ``openmm_cgml.packaging``); the forward is
 ``(positions [N,3] or [F,N,3] nm, features [N,F], molecule [N] int64 in [0, M)) ->
 [M] or [F,M]`` nm^2, where ``molecule`` numbers the molecules with >= ``min_beads``
 beads (``property_molecules``) and only their beads are passed.

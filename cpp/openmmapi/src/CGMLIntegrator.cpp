@@ -6,26 +6,12 @@
 #include "openmm/internal/ContextImpl.h"
 #include <algorithm>
 #include <cmath>
-#include <fstream>
 #include <random>
 #include <sstream>
 #include <stdexcept>
 
 using namespace CGML;
 using namespace OpenMM;
-
-namespace {
-
-std::string readFile(const std::string& path, const std::string& what) {
-    std::ifstream file(path, std::ios::binary);
-    if (!file)
-        throw std::invalid_argument("cannot open the " + what + " model file '" + path + "'");
-    std::ostringstream bytes;
-    bytes << file.rdbuf();
-    return bytes.str();
-}
-
-} // namespace
 
 CGMLIntegrator::CGMLIntegrator(const std::string& dynamicsModel, const std::string& scoreModel, double stepSize,
                                bool allowStepSizeOverride)
@@ -39,12 +25,6 @@ CGMLIntegrator::CGMLIntegrator(const std::string& dynamicsModel, const std::stri
     bondLengthLimit = learnedStep->getDefaultBondLengthLimit();
     numThreads = 0;
     setStepSize(stepSize > 0 ? stepSize : learnedStep->getModelStepSize());
-}
-
-CGMLIntegrator* CGMLIntegrator::fromFiles(const std::string& dynamicsPath, const std::string& scorePath,
-                                          double stepSize, bool allowStepSizeOverride) {
-    std::string score = scorePath.empty() ? std::string() : readFile(scorePath, "score");
-    return new CGMLIntegrator(readFile(dynamicsPath, "dynamics"), score, stepSize, allowStepSizeOverride);
 }
 
 CGMLIntegrator::~CGMLIntegrator() {

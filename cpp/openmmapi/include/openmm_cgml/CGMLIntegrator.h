@@ -52,9 +52,6 @@ public:
      */
     CGMLIntegrator(const std::string& dynamicsModel, const std::string& scoreModel = "",
                    double stepSize = 0.0, bool allowStepSizeOverride = false);
-    /** Create an integrator from TorchScript files (paths). */
-    static CGMLIntegrator* fromFiles(const std::string& dynamicsPath, const std::string& scorePath = "",
-                                     double stepSize = 0.0, bool allowStepSizeOverride = false);
     ~CGMLIntegrator();
 
     void step(int steps) override;

@@ -220,11 +220,6 @@ def export_dynamics(model: nn.Module, path: str | os.PathLike, inputs: Optional[
     return export_module(model, path, "dynamics", inputs, verify)
 
 
-def export_score(model: nn.Module, path: str | os.PathLike, inputs: Optional[Sequence[Tensor]] = None,
-                 verify: bool = True) -> torch.jit.ScriptModule:
-    return export_module(model, path, "score", inputs, verify)
-
-
 def export_models(dynamics: nn.Module, score: nn.Module, directory: str | os.PathLike,
                   dynamics_inputs: Optional[Sequence[Tensor]] = None,
                   score_inputs: Optional[Sequence[Tensor]] = None, verify: bool = True) -> tuple[Path, Path]:

@@ -1,24 +1,9 @@
 """Package a training checkpoint for simulation (``cgml export CKPT -o DIR``).
 
-The directory holds everything :class:`openmm_cgml.LearnedSimulator` needs to simulate a
-*new* system (no training data required)::
-
-    dynamics.pt      TorchScript dynamics module (docs/contract.md), verified to load and
-                     run in a fresh process that imports only torch
-    score.pt         TorchScript score module (absent if the run trained no score model)
-    property.pt      TorchScript property head (``models.property``: fine-level Rg^2 per
-                     molecule from CG positions; absent if the run trained none), verified
-                     in the same fresh process; read by LearnedSimulator.fineRg2, not by the
-                     C++ integrator
-    embedding.pt     embedding GNN: {"format", "state_dict", "model_config",
-                     "num_atom_types", "num_bond_types"} (torch.save, weights_only-safe);
-                     run once per system by LearnedSimulator to make the bead features
-    simulator.json   manifest: format, versions, model/training config, step_size_ps,
-                     record_interval_ps, seq_len, dilation, cg options (cg_level, small
-                     molecule rule, METIS seed), atom/bond type vocabularies, the bond type
-                     of each atom-type pair seen in training, the atom-type rule, kind,
-                     periodic, files, checkpoint step and last metrics, and ``property``
-                     (the head's quantity, unit, config and training baselines) or null
+The model directory (format: :mod:`openmm_cgml.manifest`) holds everything
+:class:`openmm_cgml.LearnedSimulator` needs to simulate a *new* system (no training data
+required). Each TorchScript archive is verified to load and run in a fresh process that
+imports only torch.
 
 Why TorchScript for the property head (rather than a state dict like embedding.pt): it
 is a model output users may want outside Python (next to the integrator, in libtorch),
@@ -47,20 +32,11 @@ from typing import Any
 
 import torch
 
-MANIFEST = "simulator.json"
-MANIFEST_FORMAT = "openmm-cgml-simulator/1"
-EMBEDDING_FILE = "embedding.pt"
-EMBEDDING_FORMAT = "openmm-cgml-embedding/1"
-#: the files an export writes (other files in an existing model directory are carried over)
-PROPERTY_FILE = "property.pt"
-MODEL_FILES = ("dynamics.pt", "score.pt", PROPERTY_FILE, EMBEDDING_FILE, MANIFEST)
-_TMP_TAG, _OLD_TAG = ".export-tmp-", ".export-old-"
+from openmm_cgml.files import write_json_atomic
+from openmm_cgml.manifest import (EMBEDDING_FILE, MANIFEST, MODEL_FILES, PROPERTY_FILE, build_manifest,
+                                  save_embedding)
 
-#: how atom types are obtained for a new topology (documented in the manifest)
-ATOM_TYPE_RULE = ("metadata atom_types for generated/imported data (TrajectoryRecord); for an "
-                  "OpenMM topology the element symbol, or the atom name when there is no element")
-
-
+_TMP_TAG, _OLD_TAG = ".export-tmp-", ".export-old-"  # sibling directories of an export in progress
 def _cutoff(model) -> float:
     builder = getattr(model, "graph_builder", None) or getattr(model, "graph")
     return float(builder.cutoff)
@@ -69,7 +45,7 @@ def _cutoff(model) -> float:
 def _example_inputs(dynamics, score, embedding, ckpt: dict[str, Any]):
     """Realistic inputs for the fresh-process check: a straight chain of beads at the
     data's velocity scale, with bead features from the embedding GNN."""
-    from openmm_cgml.models.export import example_inputs
+    from openmm_cgml.models.torchscript import example_inputs
 
     dyn_inputs = list(example_inputs("dynamics", dynamics))
     n = dyn_inputs[0].size(1)
@@ -109,7 +85,7 @@ def _property_inputs(dyn_inputs) -> tuple:
 def _write_package(embedding, dynamics, score, ckpt: dict[str, Any], out: Path, verify: bool,
                    property_head=None) -> None:
     """Write the model files into the (new, empty) directory ``out``."""
-    from openmm_cgml.models.export import export_archives
+    from openmm_cgml.models.torchscript import export_archives
 
     embedding = embedding.cpu().float().eval()
     dyn_inputs, score_inputs = _example_inputs(dynamics, score, embedding, ckpt)
@@ -122,54 +98,10 @@ def _write_package(embedding, dynamics, score, ckpt: dict[str, Any], out: Path, 
                              f"dynamics model {dynamics.num_features}")
         entries.append((property_head, "property", out / PROPERTY_FILE, _property_inputs(dyn_inputs)))
     export_archives(entries, verify=verify)
-    model_config = dict(ckpt["model_config"])
-    torch.save({"format": EMBEDDING_FORMAT, "state_dict": embedding.state_dict(),
-                "model_config": model_config, "num_atom_types": len(ckpt["atom_vocabulary"]),
-                "num_bond_types": len(ckpt["bond_vocabulary"])}, out / EMBEDDING_FILE)
-    config = dict(ckpt["config"])
-    import openmm
-
-    import openmm_cgml
-
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "versions": {"openmm_cgml": openmm_cgml.__version__, "torch": str(torch.__version__),
-                     "openmm": openmm.__version__, "trained_with": ckpt.get("versions", {})},
-        "files": {"dynamics": "dynamics.pt", "score": "score.pt" if score is not None else None,
-                  "embedding": EMBEDDING_FILE,
-                  "property": PROPERTY_FILE if property_head is not None else None},
-        "property": None if property_head is None else {
-            "quantity": "fine-level mass-weighted Rg^2 per molecule with >= min_beads beads",
-            "unit": "nm^2", "min_beads": int(property_head.min_beads),
-            "inputs": "positions [N,3] or [F,N,3] nm, bead features [N,F], molecule [N] int64",
-            "config": dict(ckpt.get("property_config") or {}),
-            "baselines": ckpt.get("property_baselines") or {}},
-        "kind": ckpt.get("kind"),
-        "periodic": bool(ckpt.get("periodic", False)),
-        "step_size_ps": float(ckpt["step_size_ps"]),
-        "record_interval_ps": float(ckpt["record_interval_ps"]),
-        "seq_len": int(model_config["seq_len"]),
-        "dilation": int(config["dilation"]),
-        "backbone": model_config["backbone"],
-        "cg": dict(ckpt["mapping_options"]),
-        "atom_vocabulary": list(ckpt["atom_vocabulary"]),
-        "bond_vocabulary": list(ckpt["bond_vocabulary"]),
-        "bond_type_of_pair": dict(ckpt.get("bond_type_of_pair", {})),
-        "atom_type_rule": ATOM_TYPE_RULE,
-        "num_features": int(dynamics.num_features),
-        "langevin_steps": int(score.langevin_steps) if score is not None else 0,
-        "langevin_step_size_nm2": float(score.langevin_step_size) if score is not None else 0.0,
-        "sigmas_nm": score.sigmas.tolist() if score is not None else [],
-        "exclusion_distance_nm": float(dynamics.exclusion_distance),
-        "bond_length_limit_nm": float(dynamics.bond_length_limit),
-        "exclusion_calibration": ckpt.get("exclusion_calibration"),
-        "model_config": model_config,
-        "training_config": config,
-        "checkpoint": {"step": int(ckpt.get("step", 0)), "metrics": ckpt.get("metrics", {}),
-                       "train_systems": ckpt.get("train_systems", []),
-                       "val_systems": ckpt.get("val_systems", [])},
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=float))
+    save_embedding(out / EMBEDDING_FILE, embedding, ckpt["model_config"], len(ckpt["atom_vocabulary"]),
+                   len(ckpt["bond_vocabulary"]))
+    manifest = build_manifest(ckpt, dynamics, score, property_head)
+    write_json_atomic(out / MANIFEST, json.loads(json.dumps(manifest, default=float)))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -293,7 +225,7 @@ def run_checkpoint(run_dir: str | os.PathLike, last: bool = False) -> Path:
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, verify: bool = True,
                       last: bool = False) -> Path:
     """Export a training checkpoint file, or a run directory's (``run_checkpoint``)."""
-    from openmm_cgml.train import build_models_from_checkpoint, load_checkpoint
+    from openmm_cgml.training.checkpoint import build_models_from_checkpoint, load_checkpoint
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
