@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -76,36 +75,20 @@ def chain_spec(entry: dict):
 
 def rollout(learned, entry: dict, starts: np.ndarray, steps: int, seed: int, score: bool,
             limits: bool = True) -> dict:
-    import openmm
-    from openmm import app, unit
+    from openmm import unit
 
     from openmm_cgml import analysis
     from openmm_cgml.systems import chain
 
     built = chain.build(chain_spec(entry))
     cg = learned.coarseGrain(built.topology, starts[-1], masses=np.asarray(entry["masses_amu"]))
-    off = None if limits else 0.0
-    integrator = learned.createIntegrator(cg, score=score, seed=seed, exclusionDistance=off, bondLengthLimit=off)
-    simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName("CPU"))
-    frames = np.asarray(cg.mapTrajectory(starts).value_in_unit(unit.nanometer))[-integrator.getSequenceLength():]
-    integrator.setHistory(frames)
-    positions = np.empty((steps + 1, cg.n_beads, 3))
-    positions[0] = frames[-1]
-    start, done, failure = time.perf_counter(), 0, None
-    for k in range(1, steps + 1):
-        try:
-            simulation.step(1)
-        except openmm.OpenMMException as error:
-            failure = str(error).splitlines()[0]
-            break
-        positions[k] = simulation.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(
-            unit.nanometer)
-        done = k
-    positions = positions[:done + 1]
+    run = learned.rollout(cg, cg.map_trajectory(starts).value_in_unit(unit.nanometer), steps, score=score, seed=seed,
+                          limits=limits)
+    positions = run.positions.astype(np.float64)
+    done = len(positions) - 1
     masses = np.asarray(cg.mapping.bead_masses, dtype=np.float64)
-    out = {"steps": done, "failure": failure, "seconds": time.perf_counter() - start,
-           "corrections_per_bead_step": (integrator.getExclusionCorrections() + integrator.getBondLimitCorrections())
-           / max(done * cg.n_beads, 1),
+    out = {"steps": done, "failure": run.failure.splitlines()[0] if run.failure else None,
+           "seconds": run.wall_seconds, "corrections_per_bead_step": run.limit_corrections / max(done * cg.n_beads, 1),
            "rg2": analysis.radius_of_gyration_squared(positions, masses), "positions": positions,
            "bonds": np.asarray(cg.bonds)}
     if learned.property_model is not None:  # the fine-level Rg^2 the head predicts (one chain)
@@ -173,7 +156,7 @@ def main(argv=None) -> int:
                           "relaxation_error": _tau(short, record_dt) / _reference_tau(ref_series, n_short, record_dt)
                           - 1,
                           "js": _js(short, ref["histogram"])}
-        starts = series[f"{entry['key']}/start_positions"].astype(np.float64)  # mapTrajectory picks every dilation-th
+        starts = series[f"{entry['key']}/start_positions"].astype(np.float64)  # map_trajectory picks every dilation-th
         if sl is not None:
             from openmm_cgml.baselines import FineGraph
             from openmm_cgml.systems import chain

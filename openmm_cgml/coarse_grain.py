@@ -29,6 +29,8 @@ from openmm import app, unit
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
+from openmm_cgml.topology import bond_pairs
+
 MAPPING_FORMAT = "openmm-cgml-cgmapping/1"
 
 
@@ -242,8 +244,7 @@ class CGMapping:
     def from_topology(cls, topology, masses, cg_level: float, **kwargs) -> "CGMapping":
         """From an OpenMM ``app.Topology`` or mdtraj ``Topology`` with bonds."""
         atoms = list(topology.atoms() if callable(getattr(topology, "atoms", None)) else topology.atoms)
-        bond_iter = topology.bonds() if callable(getattr(topology, "bonds", None)) else topology.bonds
-        bonds = [[b[0].index, b[1].index] for b in bond_iter]
+        bonds = bond_pairs(topology)
         return cls.from_graph(len(atoms), bonds, masses, cg_level, **kwargs)
 
     @property

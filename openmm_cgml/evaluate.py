@@ -43,61 +43,8 @@ from openmm import app, unit
 from tqdm.auto import tqdm
 
 from openmm_cgml import analysis, plots
+from openmm_cgml.simulator import CGRun
 from openmm_cgml.trajectories import TrajectoryRecord, list_trajectories, load_trajectory, read_metadata
-
-
-# ----------------------------------------------------------------------------- rollouts
-@dataclass
-class CGRun:
-    """A CG trajectory to analyse: positions [F,N,3] nm, one frame every ``dt_ps``."""
-
-    label: str
-    positions: np.ndarray
-    dt_ps: float
-    box: np.ndarray | None = None
-    wall_seconds: float | None = None
-    failed_at_step: int | None = None
-    failure: str | None = None
-
-    @property
-    def duration_ps(self) -> float:
-        return self.dt_ps * max(len(self.positions) - 1, 0)
-
-
-def rollout(learned, cg, start_frames: np.ndarray, n_steps: int, *, score: bool = True, seed: int = 1,
-            label: str = "learned", platform: str = "CPU", progress: bool = True,
-            dcd_path: str | os.PathLike | None = None, limits: bool = True) -> CGRun:
-    """Run the learned simulator in an ``app.Simulation`` for ``n_steps`` learned steps.
-
-    ``start_frames`` [seq_len, N, 3] nm, one model step apart. A failing step (NaN, ...)
-    ends the rollout early; the frames before it are kept and the failure is recorded.
-    ``limits=False``: without the model's distance limits (excluded volume, bond length).
-    """
-    off = None if limits else 0.0
-    integrator = learned.createIntegrator(cg, score=score, seed=seed, exclusionDistance=off, bondLengthLimit=off)
-    simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName(platform))
-    integrator.setHistory(start_frames)  # bound: sets the context's positions and velocities too
-    if dcd_path is not None:
-        simulation.reporters.append(app.DCDReporter(str(dcd_path), 1, enforcePeriodicBox=False))
-    frames = np.empty((n_steps + 1,) + start_frames.shape[1:], dtype=np.float32)
-    frames[0] = start_frames[-1]
-    run = CGRun(label, frames, float(integrator.getStepSize().value_in_unit(unit.picosecond)), cg.box)
-    start = time.perf_counter()
-    done = 0
-    with tqdm(total=n_steps, desc=f"  {label} rollout", unit="step", disable=not progress, leave=False) as bar:
-        for step in range(1, n_steps + 1):
-            try:
-                simulation.step(1)
-            except openmm.OpenMMException as error:
-                run.failed_at_step, run.failure = step, str(error)
-                break
-            frames[step] = simulation.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(
-                unit.nanometer)
-            done = step
-            bar.update(1)
-    run.wall_seconds = time.perf_counter() - start
-    run.positions = frames[: done + 1]
-    return run
 
 
 # -------------------------------------------------------------------------- observables
@@ -261,18 +208,19 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
     runs = [long_ref, short_ref]
     model_of_run = {}
     for label, learned in models.items():
-        runs.append(rollout(learned, cg, start_frames, n_steps, seed=seed, label=label, progress=progress,
-                            dcd_path=out_dir / f"{label.replace(' ', '_')}.dcd"))
+        dcd = app.DCDReporter(str(out_dir / f"{label.replace(' ', '_')}.dcd"), 1, enforcePeriodicBox=False)
+        runs.append(learned.rollout(cg, start_frames, n_steps, seed=seed, label=label, progress=progress,
+                                    reporters=[dcd]))
         model_of_run[label] = learned
         if label == ablation_model and learned.scorePath is not None:
-            runs.append(rollout(learned, cg, start_frames, n_steps, score=False, seed=seed,
-                                label=f"{label} (no score)", progress=progress))
+            runs.append(learned.rollout(cg, start_frames, n_steps, score=False, seed=seed,
+                                        label=f"{label} (no score)", progress=progress))
             model_of_run[f"{label} (no score)"] = learned
         if label == ablation_model and (learned.manifest.get("exclusion_distance_nm", 0.0) > 0
                                         or learned.manifest.get("bond_length_limit_nm", 0.0) > 0):
             plain = f"{label} (no score, no limits)" if learned.scorePath is not None else f"{label} (no limits)"
-            runs.append(rollout(learned, cg, start_frames, n_steps, score=False, seed=seed, label=plain,
-                                progress=progress, limits=False))
+            runs.append(learned.rollout(cg, start_frames, n_steps, score=False, seed=seed, label=plain,
+                                        progress=progress, limits=False))
             model_of_run[plain] = learned
     # fine-level Rg^2: true (atoms) for the MD runs, the property head's for learned runs
     fine_ref = fine_rg2_series(record.positions[::dilation], mapping)

@@ -33,8 +33,9 @@ from openmm import app, unit
 from openmm_cgml.files import write_atomic, write_bytes_atomic, write_json_atomic
 from openmm_cgml.runtime import openmm_seed, parse_overrides
 from openmm_cgml.systems.base import BuiltSystem, SystemSpec
-from openmm_cgml.trajectories import (EQUILIBRATED_STATE_FILE, METADATA_FILE, THERMO_FILE, WORK_DIR,
-                                      bond_pairs, update_index, write_trajectory)
+from openmm_cgml.topology import bond_pairs
+from openmm_cgml.trajectories import (EQUILIBRATED_STATE_FILE, METADATA_FILE, THERMO_FILE, WORK_DIR, update_index,
+                                      write_trajectory)
 
 
 # ----------------------------------------------------------------------------- platform

@@ -5,7 +5,7 @@
     integrator = sim.createIntegrator(cg)                  # CGMLIntegrator, bead features/bonds/PBC set
     simulation = app.Simulation(cg.topology, cg.system, integrator)
     simulation.context.setPositions(cg.positions)
-    integrator.setHistory(cg.mapTrajectory(traj))          # optional: real history frames
+    integrator.setHistory(cg.map_trajectory(traj))          # optional: real history frames
 
 With a property head (``property.pt``, optional), ``sim.fineRg2(cg, frames)`` predicts
 each molecule's fine-level (atomistic) Rg^2 from CG frames, e.g. a learned rollout's.
@@ -28,6 +28,7 @@ against the embedding; a periodic model refuses a system without a box and vice 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,8 +39,9 @@ from openmm import app, unit
 
 from openmm_cgml.coarse_grain import CGMapping, atom_pair_key
 from openmm_cgml.manifest import MANIFEST, load_embedding_state, read_manifest
+from openmm_cgml.topology import bond_pairs
 
-__all__ = ["LearnedSimulator", "CGSystem"]
+__all__ = ["LearnedSimulator", "CGSystem", "CGRun"]
 
 PRETRAINED_DIR = Path(__file__).with_name("pretrained")
 
@@ -77,7 +79,7 @@ class CGSystem:
     def n_beads(self) -> int:
         return self.mapping.n_beads
 
-    def mapTrajectory(self, trajectory, dilation: int | None = None) -> unit.Quantity:
+    def map_trajectory(self, trajectory, dilation: int | None = None) -> unit.Quantity:
         """Fine trajectory (mdtraj.Trajectory, TrajectoryRecord, or [F, n, 3] nm array /
         Quantity; unwrapped) -> CG frames one model step apart (every ``dilation``-th
         recorded frame, ending with the last one), [T, N, 3] nm, oldest first."""
@@ -99,6 +101,26 @@ class CGSystem:
     def __repr__(self):
         return (f"<CGSystem {self.mapping.n_atoms} atoms -> {self.n_beads} beads, {len(self.bonds)} CG bonds, "
                 f"features {self.features.shape[1]}, periodic={self.periodic}>")
+
+
+@dataclass
+class CGRun:
+    """A CG trajectory: positions [F,N,3] nm, one frame every ``dt_ps`` (a learned
+    rollout, or reference MD mapped to beads). A rollout records its wall time, where
+    and why it failed (if it did) and how often the distance limits acted."""
+
+    label: str
+    positions: np.ndarray
+    dt_ps: float
+    box: np.ndarray | None = None
+    wall_seconds: float | None = None
+    failed_at_step: int | None = None
+    failure: str | None = None
+    limit_corrections: int = 0
+
+    @property
+    def duration_ps(self) -> float:
+        return self.dt_ps * max(len(self.positions) - 1, 0)
 
 
 class LearnedSimulator:
@@ -265,14 +287,14 @@ class LearnedSimulator:
                              f"pass {kind}_types= mapping your atoms onto known types")
 
     def defaultAtomTypes(self, atoms) -> list[str]:
-        """The import-trajectory rule (:func:`openmm_cgml.trajectories.atom_types_from_topology`):
+        """The import-trajectory rule (:func:`openmm_cgml.topology.atom_types_from_topology`):
         element symbol, or the atom name when there is no element. PDB readers guess
         elements from names ("S1" -> sulfur), so when the symbol is not a known type but
         the name is, the name is used."""
         return self._default_atom_types(atoms)[0]
 
     def _default_atom_types(self, atoms) -> tuple[list[str], list[bool]]:
-        from openmm_cgml.trajectories import atom_types_from_topology
+        from openmm_cgml.topology import atom_types_from_topology
 
         return atom_types_from_topology(atoms, known=self.atom_vocabulary)
 
@@ -313,7 +335,7 @@ class LearnedSimulator:
             if box is None and record.box is not None:
                 box = record.box[frame]
         else:
-            bonds = np.asarray([[b[0].index, b[1].index] for b in topology.bonds()], dtype=np.int64).reshape(-1, 2)
+            bonds = bond_pairs(topology)
         atoms = list(topology.atoms())
         n = len(atoms)
         if positions is None:
@@ -412,6 +434,47 @@ class LearnedSimulator:
         if bondLengthLimit is not None:
             integrator.setBondLengthLimit(bondLengthLimit)
         return integrator
+
+    def rollout(self, cg: CGSystem, history, n_steps: int, *, score: bool = True, seed: int = 1,
+                limits: bool = True, label: str = "learned", platform: str = "CPU", progress: bool = False,
+                reporters: Sequence[Any] = ()) -> CGRun:
+        """Run ``n_steps`` learned steps in an ordinary ``app.Simulation`` and keep every frame.
+
+        ``history``: CG frames one model step apart (e.g. ``cg.map_trajectory(...)``; nm or
+        a Quantity), the last ``seq_len`` are used. ``score=False``: no refinement;
+        ``limits=False``: without the model's distance limits. ``reporters`` are added to
+        the simulation (e.g. ``app.DCDReporter``). A failing step (NaN, ...) ends the
+        rollout early: the frames before it are kept and the failure is recorded.
+        """
+        from tqdm.auto import tqdm
+
+        off = None if limits else 0.0
+        integrator = self.createIntegrator(cg, score=score, seed=seed, exclusionDistance=off, bondLengthLimit=off)
+        simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName(platform))
+        frames_in = _nm(history)
+        if frames_in.ndim == 2:
+            frames_in = frames_in[None]
+        integrator.setHistory(frames_in[-integrator.getSequenceLength():])  # sets positions and velocities too
+        simulation.reporters.extend(reporters)
+        frames = np.empty((n_steps + 1, cg.n_beads, 3), dtype=np.float32)
+        frames[0] = frames_in[-1]
+        run = CGRun(label, frames, float(integrator.getStepSize().value_in_unit(unit.picosecond)), cg.box)
+        start, done = time.perf_counter(), 0
+        with tqdm(total=n_steps, desc=f"  {label} rollout", unit="step", disable=not progress, leave=False) as bar:
+            for step in range(1, n_steps + 1):
+                try:
+                    simulation.step(1)
+                except openmm.OpenMMException as error:
+                    run.failed_at_step, run.failure = step, str(error)
+                    break
+                frames[step] = simulation.context.getState(getPositions=True).getPositions(
+                    asNumpy=True).value_in_unit(unit.nanometer)
+                done = step
+                bar.update(1)
+        run.wall_seconds = time.perf_counter() - start
+        run.positions = frames[: done + 1]
+        run.limit_corrections = int(integrator.getExclusionCorrections() + integrator.getBondLimitCorrections())
+        return run
 
     def __repr__(self):
         m = self.manifest

@@ -2,7 +2,7 @@
 
 Any mdtraj-readable trajectory + a topology with bonds becomes one trajectory directory
 of :mod:`openmm_cgml.trajectories` (the format), typed by the same atom-type rule the
-learned simulator applies (:func:`~openmm_cgml.trajectories.atom_types_from_topology`).
+learned simulator applies (:func:`~openmm_cgml.topology.atom_types_from_topology`).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import openmm
 from openmm import unit
 
 from openmm_cgml.files import check_plain_name, quiet_stdout
-from openmm_cgml.trajectories import (TrajectoryRecord, atom_types_from_topology, bond_pairs, load_trajectory,
-                                      unwrap_positions, write_trajectory)
+from openmm_cgml.topology import atom_types_from_topology, bond_pairs
+from openmm_cgml.trajectories import TrajectoryRecord, load_trajectory, unwrap_positions, write_trajectory
 
 
 def _guessed_elements(topology_path: Path, n_atoms: int) -> list[bool] | None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_cgml import generate, trajectories, trajectory_import
+from openmm_cgml import generate, topology, trajectories, trajectory_import
 from openmm_cgml.cli import main as cgml_main
 
 torch.set_num_threads(1)
@@ -224,7 +224,7 @@ def test_simulator_and_import_share_the_type_rule(exported_tiny_model, chain_dat
     sim = openmm_cgml.LearnedSimulator.load(exported_tiny_model)
     atoms = list(top.to_openmm().atoms())
     assert sim.defaultAtomTypes(atoms) == metadata["atom_types"]
-    types, trusted = trajectories.atom_types_from_topology(atoms, known=sim.atom_vocabulary)
+    types, trusted = topology.atom_types_from_topology(atoms, known=sim.atom_vocabulary)
     assert types == metadata["atom_types"] and not any(trusted)
 
 

@@ -37,7 +37,7 @@ def test_five_line_flow(exported, test_record):
     integrator = sim.createIntegrator(cg)
     simulation = app.Simulation(cg.topology, cg.system, integrator)
     simulation.context.setPositions(cg.positions)
-    integrator.setHistory(cg.mapTrajectory(record.positions))
+    integrator.setHistory(cg.map_trajectory(record.positions))
 
     assert cg.n_beads == 4 and cg.features.shape == (4, sim.manifest["num_features"])
     assert cg.periodic is False and cg.box is None
@@ -60,9 +60,9 @@ def test_map_trajectory_applies_dilation(exported, test_record):
     sim = openmm_cgml.LearnedSimulator.load(exported)
     cg = sim.coarseGrain(test_record)
     frames = test_record.positions
-    full = cg.mapTrajectory(frames).value_in_unit(unit.nanometer)
+    full = cg.map_trajectory(frames).value_in_unit(unit.nanometer)
     assert full.shape == (len(frames), 4, 3)
-    every3 = cg.mapTrajectory(frames, dilation=3).value_in_unit(unit.nanometer)
+    every3 = cg.map_trajectory(frames, dilation=3).value_in_unit(unit.nanometer)
     np.testing.assert_allclose(every3, full[::-1][::3][::-1], atol=1e-6)
     np.testing.assert_allclose(every3[-1], cg.mapping.map_positions(frames[-1]), atol=1e-6)
 
@@ -101,7 +101,7 @@ def python_rollout(dynamics, score, history, features, bonds, steps):
 def test_integrator_matches_python_rollout(exported, test_record):
     sim = openmm_cgml.LearnedSimulator.load(exported)
     cg = sim.coarseGrain(test_record)
-    history = cg.mapTrajectory(test_record.positions[-sim.seqLen:]).value_in_unit(unit.nanometer)
+    history = cg.map_trajectory(test_record.positions[-sim.seqLen:]).value_in_unit(unit.nanometer)
     # the distance limits resolve pairs in the neighbour list's order: they have their own
     # tests (test_excluded_volume.py); this compares the model calls and the step formula
     integrator = sim.createIntegrator(cg, deterministic=True, exclusionDistance=0, bondLengthLimit=0)
@@ -183,7 +183,7 @@ def test_user_pdb_and_dcd_of_an_unseen_chain(exported, tmp_path):
     assert cg.n_beads == 6  # 24 atoms at 4 atoms per bead
     integrator = sim.createIntegrator(cg, seed=4)
     cg_simulation = app.Simulation(cg.topology, cg.system, integrator)
-    integrator.setHistory(cg.mapTrajectory(trajectory))
+    integrator.setHistory(cg.map_trajectory(trajectory))
     cg_simulation.step(30)
     x = positions_nm(cg_simulation)
     assert np.isfinite(x).all() and cg_simulation.currentStep == 30

@@ -65,7 +65,9 @@ RBF_CLASSES = {"expnorm": ExpNormalSmearing, "gauss": GaussianSmearing}
 
 
 class ETBackbone(nn.Module):
-    """Equivariant transformer on a prebuilt graph.
+    """Equivariant transformer on a prebuilt graph. Its arguments keep torchmd-net's
+    names: ``hidden_channels`` is the model config's ``latent_dim`` (the score's
+    ``hidden_latent_dim``), ``num_layers`` its ``rounds``.
 
     forward(scalars [N,S], vectors [N,3,C] or None, senders, receivers, edge_vec,
     edge_type) -> (scalar out [N], vector out [N,3], latent scalars [N,hidden])."""
@@ -163,8 +165,8 @@ class ETDynamics(DynamicsBase):
         seq_len: int = 20,
         cutoff: float = 0.6,
         step_size_ps: float = 200.0,
-        hidden_channels: int = 128,
-        num_layers: int = 7,
+        latent_dim: int = 128,
+        rounds: int = 7,
         num_heads: int = 8,
         num_rbf: int = 32,
         edge_type_dim: int = 16,
@@ -172,9 +174,9 @@ class ETDynamics(DynamicsBase):
         activation: str = "silu",
         graph_method: str = "auto",
     ):
-        super().__init__(seq_len, num_features, cutoff, step_size_ps, min_std, hidden_channels, graph_method)
+        super().__init__(seq_len, num_features, cutoff, step_size_ps, min_std, latent_dim, graph_method)
         self.backbone = ETBackbone(
-            num_features + seq_len - 1, seq_len - 1, cutoff, hidden_channels, num_layers, num_heads,
+            num_features + seq_len - 1, seq_len - 1, cutoff, latent_dim, rounds, num_heads,
             num_rbf, "expnorm", edge_type_dim, activation, activation,
         )
 
@@ -203,8 +205,8 @@ class ETScore(ScoreBase):
         cutoff: float = 0.6,
         langevin_steps: int = 5,
         langevin_step_size: float = 5e-7,
-        hidden_channels: int = 128,
-        num_layers: int = 7,
+        hidden_latent_dim: int = 128,
+        rounds: int = 7,
         num_heads: int = 8,
         num_rbf: int = 32,
         edge_type_dim: int = 16,
@@ -215,7 +217,7 @@ class ETScore(ScoreBase):
         super().__init__(latent_dim, num_features, cutoff, sigmas, langevin_steps, langevin_step_size, graph_method,
                          sigma_conditioned)
         self.backbone = ETBackbone(
-            latent_dim + self.num_conditions, 0, cutoff, hidden_channels, num_layers, num_heads, num_rbf, "expnorm",
+            latent_dim + self.num_conditions, 0, cutoff, hidden_latent_dim, rounds, num_heads, num_rbf, "expnorm",
             edge_type_dim, activation, activation,
         )
 
