@@ -14,7 +14,6 @@ and the ratio (b)/(a). Then the time per learned step against the number of bead
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -25,24 +24,12 @@ from openmm import app, unit
 
 from openmm_cgml import CGMLIntegrator
 from openmm_cgml.coarse_grain import CGMapping
+from openmm_cgml.generate import md_speed
 from openmm_cgml.models import build_dynamics_model, build_score_model, export_models
+from openmm_cgml.runtime import timed
 from openmm_cgml.systems import get_system_module
 from openmm_cgml.training import load_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import timed  # noqa: E402
-
-
-def md_speed(built, min_seconds: float) -> float:
-    """Reference MD: simulated ns per wall-clock second."""
-    simulation = app.Simulation(built.topology, built.system, built.make_integrator(),
-                                openmm.Platform.getPlatformByName("CPU"))
-    simulation.context.setPositions(built.positions)
-    simulation.minimizeEnergy(maxIterations=200)
-    simulation.context.setVelocitiesToTemperature(built.temperature)
-    simulation.step(20)
-    steps, seconds = timed(simulation.step, min_seconds)
-    return steps * built.timestep.value_in_unit(unit.nanosecond) / seconds
 
 
 def export_untrained(config, num_features: int, directory: Path) -> tuple[Path, Path]:
@@ -115,7 +102,7 @@ def main(argv=None):
             built, config, mapping, x, box, step_ps = system_case(kind)
             model_config = config.model_config(step_size_ps=step_ps)
             paths = export_untrained(model_config, model_config.num_features, Path(tmp) / kind)
-            md = md_speed(built, args.seconds)
+            md = md_speed(built, min_seconds=args.seconds) / 1000.0  # ns per second
             full = learned_speed(paths, x, mapping.bead_masses, mapping.cg_bonds, box, model_config.num_features,
                                  True, args.seconds)
             bare = learned_speed(paths, x, mapping.bead_masses, mapping.cg_bonds, box, model_config.num_features,

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import openmm
 import torch
 from openmm import app, unit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import timed  # noqa: E402  (one timing loop for every speed benchmark)
 
 
 def main(argv=None) -> int:
@@ -29,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
+    from openmm_cgml.generate import md_speed
+    from openmm_cgml.runtime import timed
     from openmm_cgml.simulator import LearnedSimulator
     from openmm_cgml.systems import chain
 
@@ -37,20 +36,12 @@ def main(argv=None) -> int:
             if s.split == "test"][0]
     built = chain.build(spec)
     platform = openmm.Platform.getPlatformByName("CPU")
-    md = app.Simulation(built.topology, built.system, built.make_integrator(), platform,
-                        {"Threads": str(args.threads)})
-    md.context.setPositions(built.positions)
-    md.minimizeEnergy(maxIterations=200)
-    md.context.setVelocitiesToTemperature(built.temperature)
-    md.step(100)
-    steps, seconds = timed(md.step, args.seconds)
     tau_ps = chain.ChainParameters().tau.value_in_unit(unit.picosecond)
-    md_rate = steps * built.timestep.value_in_unit(unit.picosecond) / tau_ps / seconds
+    md_rate = md_speed(built, threads=args.threads, min_seconds=args.seconds) / tau_ps
 
     learned = LearnedSimulator.pretrained("chain")
     masses = [built.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(built.system.getNumParticles())]
-    state = md.context.getState(getPositions=True)
-    cg = learned.coarseGrain(built.topology, state.getPositions(asNumpy=True), masses=masses)
+    cg = learned.coarseGrain(built.topology, built.positions, masses=masses)
     integrator = learned.createIntegrator(cg, seed=1)
     simulation = app.Simulation(cg.topology, cg.system, integrator, platform, {"Threads": str(args.threads)})
     simulation.context.setPositions(cg.positions)

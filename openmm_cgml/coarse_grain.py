@@ -294,6 +294,22 @@ class CGMapping:
 
     map_trajectory = map_positions
 
+    def replicate(self, k: int) -> "CGMapping":
+        """K independent copies of this system as one mapping (copy r's atoms, beads and
+        molecules follow copy r-1's): what a learned step needs to advance K replicas in
+        one model call, since no edge joins beads that are far apart."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"the number of replicas must be an integer >= 1, got {k!r}")
+        n, n_molecules = self.n_atoms, int(self.molecule_of_atom.max()) + 1 if self.n_atoms else 0
+        copies = np.arange(int(k))
+        return CGMapping(
+            (self.bead_of_atom[None] + self.n_beads * copies[:, None]).ravel(),
+            np.tile(self.atom_masses, k),
+            (self.fine_bonds[None] + n * copies[:, None, None]).reshape(-1, 2),
+            self.atom_types * k, self.bond_types * k,
+            (self.molecule_of_atom[None] + n_molecules * copies[:, None]).ravel(),
+            self.cg_level, self.small_molecules_as_beads, self.small_molecule_max_atoms, self.seed)
+
     # ------------------------------------------------------------------ OpenMM objects
     def to_openmm_topology(self, box=None) -> app.Topology:
         """One chain per molecule, one residue ("CG") per bead, atom "B<i>" with no element."""

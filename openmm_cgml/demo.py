@@ -22,10 +22,6 @@ import re
 import time
 from pathlib import Path
 
-# The demo's data: 4 training chains of 40 monomers, 1,500 tau each (300 frames), and 2
-# held-out chains whose reference runs 5x longer (7,500 tau), so that "long reference
-# MD" and "MD as long as the training data" differ. Minutes on 2 cores.
-DEMO_DATA = dict(n_train=4, n_test=2, n_monomers=40, n_frames=300, n_frames_test=1500, equilibration_tau=250.0)
 # Annealed Langevin refinement at demo size: 10 noise levels x 2 steps per learned step.
 DEMO_TRAINING = {"steps": 1200, "model.score_levels": 10, "model.langevin_steps": 2}
 
@@ -56,7 +52,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, rollout_factor: float
         timings[name] = time.perf_counter()
 
     stage("1/5 reference MD (chain, class I train / class II test)")
-    generate_dataset("chain", "demo", data, seed=seed, overrides=DEMO_DATA, progress=progress)
+    generate_dataset("chain", "demo", data, seed=seed, progress=progress)  # sizes: systems/chain.py PRESETS
     stage("2/5 training (embedding + dynamics + score GNNs)")
     overrides = dict(DEMO_TRAINING, data_dir=str(data), seed=seed)
     if train_steps is not None:

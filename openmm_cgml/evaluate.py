@@ -32,14 +32,12 @@ import argparse
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import openmm
-from openmm import app, unit
+from openmm import app
 from tqdm.auto import tqdm
 
 from openmm_cgml import analysis, plots
@@ -144,7 +142,8 @@ def training_length_ps(data_dir: Path) -> float:
 
 
 def md_speed_ns_per_day(record: TrajectoryRecord, min_seconds: float = 2.0) -> float | None:
-    """Measure the reference MD's speed for this system (CPU platform) by a short run."""
+    """The reference MD's speed for this system (CPU platform), from its last frame."""
+    from openmm_cgml.generate import md_speed
     from openmm_cgml.systems import get_system_module
     from openmm_cgml.systems.base import SystemSpec
 
@@ -155,19 +154,8 @@ def md_speed_ns_per_day(record: TrajectoryRecord, min_seconds: float = 2.0) -> f
                                         meta.get("composition", {})))
     except Exception:  # user-imported data: no builder to time
         return None
-    simulation = app.Simulation(built.topology, built.system, built.make_integrator(),
-                                openmm.Platform.getPlatformByName("CPU"))
-    simulation.context.setPositions(record.positions[-1])
-    if built.periodic and record.box is not None:
-        simulation.context.setPeriodicBoxVectors(*record.box[-1])
-    simulation.step(10)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_seconds:
-        simulation.step(100)
-        steps += 100
-    seconds = time.perf_counter() - start
-    dt_ns = built.timestep.value_in_unit(unit.nanosecond)
-    return steps * dt_ns / seconds * 86400
+    box = record.box[-1] if record.box is not None else None
+    return md_speed(built, record.positions[-1], box, min_seconds=min_seconds) * 86400 / 1000
 
 
 def _js(a, b):

@@ -31,7 +31,7 @@ import openmm
 from openmm import app, unit
 
 from openmm_cgml.files import write_atomic, write_bytes_atomic, write_json_atomic
-from openmm_cgml.runtime import openmm_seed, parse_overrides
+from openmm_cgml.runtime import openmm_seed, parse_overrides, timed
 from openmm_cgml.systems.base import BuiltSystem, SystemSpec
 from openmm_cgml.topology import bond_pairs
 from openmm_cgml.trajectories import (EQUILIBRATED_STATE_FILE, METADATA_FILE, THERMO_FILE, WORK_DIR, update_index,
@@ -51,6 +51,28 @@ def make_platform(name: str = "CPU", threads: int | None = None
     if name == "CPU" and threads is not None:
         properties["Threads"] = str(int(threads))
     return platform, properties
+
+
+def md_speed(built: BuiltSystem, positions=None, box=None, platform: str = "CPU", threads: int | None = None,
+             min_seconds: float = 2.0) -> float:
+    """Simulated picoseconds per wall-clock second of ``built``'s production MD on this
+    machine: the one MD timing (``cgml evaluate`` and the speed benchmarks use it).
+
+    ``positions`` / ``box`` (nm): a production state to start from (e.g. a recorded
+    frame); without them the built positions are minimised briefly first."""
+    platform_object, properties = make_platform(platform, threads)
+    simulation = app.Simulation(built.topology, built.system, built.make_integrator(), platform_object, properties)
+    if positions is None:
+        simulation.context.setPositions(built.positions)
+        simulation.minimizeEnergy(maxIterations=200)
+    else:
+        simulation.context.setPositions(np.asarray(positions))
+        if built.periodic and box is not None:
+            simulation.context.setPeriodicBoxVectors(*np.asarray(box))
+    simulation.context.setVelocitiesToTemperature(built.temperature, openmm_seed(built.spec.seed))
+    simulation.step(20)  # warm-up: kernels compiled, neighbour lists built
+    steps, seconds = timed(simulation.step, min_seconds)
+    return steps * built.timestep.value_in_unit(unit.picosecond) / seconds
 
 
 def _degrees_of_freedom(system: openmm.System) -> int:

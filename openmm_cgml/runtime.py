@@ -3,6 +3,7 @@ with results, ``--set KEY=VALUE`` overrides and progress reporting."""
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Callable, Iterable
 
 
@@ -64,3 +65,17 @@ def progress_reporter(progress: Any, total_steps: int) -> ProgressReport:
             progress(min(1.0, done[0] / max(total_steps, 1)), stage)
 
     return report
+
+
+def timed(run: Callable[[int], Any], min_seconds: float) -> tuple[int, float]:
+    """The one timing loop: call ``run(n)`` with growing n until one call takes
+    ``min_seconds``; return (n, seconds) of that call."""
+    n = 1
+    while True:
+        start = time.perf_counter()
+        run(n)
+        seconds = time.perf_counter() - start
+        if seconds >= min_seconds:
+            return n, seconds
+        n *= 2 if seconds < min_seconds / 4 else 1
+        n = max(n, int(n * min_seconds / max(seconds, 1e-3)))

@@ -116,7 +116,7 @@ class CGRun:
     wall_seconds: float | None = None
     failed_at_step: int | None = None
     failure: str | None = None
-    limit_corrections: int = 0
+    limit_corrections: int | None = 0  # None: not known per run (replicas share one count)
 
     @property
     def duration_ps(self) -> float:
@@ -475,6 +475,57 @@ class LearnedSimulator:
         run.positions = frames[: done + 1]
         run.limit_corrections = int(integrator.getExclusionCorrections() + integrator.getBondLimitCorrections())
         return run
+
+    def rollout_replicas(self, cg: CGSystem, histories, n_steps: int, *, score: bool = True, seed: int = 1,
+                         limits: bool = True, platform: str = "CPU", progress: bool = False,
+                         spacing: float | None = None) -> list[CGRun]:
+        """K independent rollouts of ``cg`` advanced together: one model call per step
+        for all of them, as the paper batches many systems per GPU call.
+
+        ``histories``: [K, T, N, 3] nm (K start histories, e.g. K reference windows, or
+        one history repeated with K seeds' worth of noise). The K copies are laid out on
+        a grid ``spacing`` nm apart (default: the largest history extent plus four model
+        cutoffs), so no graph edge or distance limit joins two replicas; a warning says
+        if replicas drifted within one cutoff of each other (their rollouts then
+        interacted). Non-periodic systems only: a periodic system has one box and a
+        replica's periodic image would be its neighbour. Returns one :class:`CGRun`
+        per replica (positions in the replica's own frame).
+        """
+        import warnings
+
+        if cg.periodic:
+            raise ValueError("rollout_replicas needs a non-periodic system: replicas of a periodic system "
+                             "would see each other as periodic images; run them one by one")
+        histories = _nm(histories)
+        if histories.ndim != 4 or histories.shape[2:] != (cg.n_beads, 3):
+            raise ValueError(f"histories must be [K, T, {cg.n_beads}, 3] nm, got shape {histories.shape}")
+        k, cutoff = histories.shape[0], float(self.manifest.get("model_config", {}).get("cutoff", 1.0))
+        extent = float(np.max(histories.max(axis=2) - histories.min(axis=2))) if cg.n_beads else 0.0
+        spacing = extent + 4 * cutoff if spacing is None else float(spacing)
+        side = int(np.ceil(k ** (1 / 3)))
+        grid = np.stack(np.unravel_index(np.arange(k), (side, side, side)), axis=1)[:, ::-1]
+        offsets = grid * spacing  # [K, 3]
+        mapping = cg.mapping.replicate(k)
+        replicated = CGSystem(mapping.to_openmm_topology(), mapping.to_openmm_system(),
+                              (cg.positions.value_in_unit(unit.nanometer)[None] + offsets[:, None]).reshape(-1, 3)
+                              * unit.nanometer, mapping, np.tile(cg.features, (k, 1)), mapping.cg_bonds, False, None,
+                              cg.dilation, cg.seq_len)
+        stacked = (histories + offsets[:, None, None]).transpose(1, 0, 2, 3).reshape(histories.shape[1], -1, 3)
+        run = self.rollout(replicated, stacked, n_steps, score=score, seed=seed, limits=limits,
+                           label=f"{k} replicas", platform=platform, progress=progress)
+        frames = run.positions.astype(np.float64).reshape(len(run.positions), k, cg.n_beads, 3)
+        low, high = frames.min(axis=2), frames.max(axis=2)  # [F, K, 3] bounding boxes
+        gap = np.maximum(low[:, :, None] - high[:, None], low[:, None] - high[:, :, None]).max(axis=-1)  # [F,K,K]
+        gap[:, np.arange(k), np.arange(k)] = np.inf
+        close = np.flatnonzero((gap < cutoff).any(axis=(1, 2)))
+        if close.size:
+            warnings.warn(f"replicas came within the model cutoff ({cutoff:g} nm) of each other from step "
+                          f"{close[0]} on, so their rollouts interacted; pass a larger spacing", stacklevel=2)
+        runs = []
+        for r in range(k):
+            runs.append(CGRun(f"replica {r}", (frames[:, r] - offsets[r]).astype(np.float32), run.dt_ps, None,
+                              run.wall_seconds, run.failed_at_step, run.failure, limit_corrections=None))
+        return runs
 
     def __repr__(self):
         m = self.manifest

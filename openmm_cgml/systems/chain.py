@@ -101,8 +101,12 @@ ATTRACTIVE_TYPE = "S1"
 PRESET_SETTINGS = {
     "tiny": dict(n_train=2, n_test=1, n_monomers=16, n_frames=60, n_frames_test=None,
                  equilibration_tau=50.0),
-    "demo": dict(n_train=4, n_test=2, n_monomers=50, n_frames=400, n_frames_test=None,
-                 equilibration_tau=500.0),
+    # `cgml demo`'s data (the one place its sizes live): 4 training chains of 40 monomers,
+    # 1,500 tau each (300 frames), and 2 held-out chains whose reference runs 5x longer
+    # (7,500 tau), so that "long reference MD" and "MD as long as the training data"
+    # differ. Minutes on 2 cores. configs/chain-demo.yaml trains on it.
+    "demo": dict(n_train=4, n_test=2, n_monomers=40, n_frames=300, n_frames_test=1500,
+                 equilibration_tau=250.0),
     "full": dict(n_train=20, n_test=10, n_monomers=100, n_frames=10_000, n_frames_test=20_000,
                  equilibration_tau=5_000.0),
 }

@@ -22,14 +22,8 @@ Model
   every non-excluded pair (cut at the same cutoff, long-range dispersion correction on);
   the NonbondedForce's exceptions carry the 1-4 terms (0.5 q_i q_j, geometric sigma,
   0.5 sqrt(eps_i eps_j)) and exclude 1-2/1-3 pairs. ``lj_combining_rule=
-  "lorentz-berthelot"`` keeps a single NonbondedForce (not OPLS; for speed comparison).
-  Measured on the demo-size system (1,394 atoms, 4 fs, CPU platform, 2 cores shared
-  with other jobs, load 4-7; 13 interleaved rounds of 200-250 steps, same state):
-  geometric (CustomNonbondedForce) 10-17 ns/day (median ~12) versus Lorentz-Berthelot
-  (NonbondedForce only) 17-33 ns/day (median ~20): LB is ~1.6x faster (per-round ratio
-  1.1-3.3). Writing the custom force as per-particle sqrt(C12), sqrt(C6) (also exact)
-  was not faster. The exact OPLS rule is kept; LB shifts the LJ energy of that box by
-  +195 kJ/mol (-5,868 -> -5,673 kJ/mol for LJ + Coulomb).
+  "lorentz-berthelot"`` keeps a single NonbondedForce (not OPLS; ~1.6x faster, for speed
+  comparison; measurements in docs/benchmarks.md).
 * Hydrogen mass repartitioning (H = 3 amu, taken from the bonded heavy atom) and
   constrained X-H bonds allow a 4 fs LangevinMiddle step (friction 1/ps).
 * PME (error tolerance 5e-4). Cutoff 1.0 nm, shortened to 0.45 x the estimated box edge
@@ -38,40 +32,29 @@ Model
 Why 423 K, short chains and EO:Li 8-24
 --------------------------------------
 The paper simulates polymer + LiTFSI at 353 K for 5 ns (training) and 50 ns (test).
-On this machine (2 cores, ~39 ns/day for 2,500 atoms at 4 fs) nanoseconds are the
-budget, and at 353 K Li+ in high-molecular-weight PEO moves < 1 nm in a few ns
-(D ~ 1e-8 cm^2/s). We therefore simulate at 423 K (PEO melts at ~338 K and is stable
-well above 423 K), with oligomeric chains of 6-32 EO units (molecular weights
-~300-1,450 g/mol, between glymes and PEO): the polymer relaxes on the ns scale and Li+,
-TFSI- and chain diffusivities become measurable from the mean-squared displacement of
-ns-long trajectories. EO:Li from 8 (salt-rich) to 24 (salt-poor) spans the range where
-PEO/LiTFSI conductivity peaks (EO:Li ~ 10-20); EO:Li counts all ether oxygens,
-(n_eo + 1) per chain. Measured on the demo train system (1,394 atoms, n_eo = 8,
-EO:Li = 11.6, 423 K) over 40 ps after equilibration: mean-squared displacements of
-the centres of mass at 10 / 20 / 40 ps were Li+ 0.030 / 0.045 / 0.072 nm^2, TFSI-
-0.030 / 0.055 / 0.078 nm^2, chains 0.016 / 0.027 / 0.043 nm^2. The 20-40 ps slope gives
-D_Li <~ 2e-6 cm^2/s (an upper bound: not yet in the diffusive regime); even ten times
-less gives MSD_Li ~ 1 nm^2 in 5 ns, well above the noise of 14-34 ions.
+On this machine nanoseconds are the budget (MD speeds: docs/benchmarks.md), and at 353 K
+Li+ in high-molecular-weight PEO moves < 1 nm in a few ns (D ~ 1e-8 cm^2/s). We
+therefore simulate at 423 K (PEO melts at ~338 K and is stable well above 423 K), with
+oligomeric chains of 6-32 EO units (molecular weights ~300-1,450 g/mol, between glymes
+and PEO): the polymer relaxes on the ns scale and Li+, TFSI- and chain diffusivities
+become measurable from the mean-squared displacement of ns-long trajectories. EO:Li from
+8 (salt-rich) to 24 (salt-poor) spans the range where PEO/LiTFSI conductivity peaks
+(EO:Li ~ 10-20); EO:Li counts all ether oxygens, (n_eo + 1) per chain.
 
 Compositions and splits (chain length and salt concentration vary; some held out)
 ---------------------------------------------------------------------------------
 * tiny (tests, seconds): train (n_eo = 10, 3 chains, 2 LiTFSI, 269 atoms) and test
   (n_eo = 6, 4 chains, 2 LiTFSI, 236 atoms); 1 ps heating, 5 ps compression, 8 ps NPT;
-  5 frames (10 ps). Build + minimise + equilibrate: ~10 s idle, ~20 s shared.
+  5 frames (10 ps).
 * demo (minutes): ~1,300-1,400 atoms each; train (n_eo, EO:Li) = (8, 12) and (16, 20),
   test (12, 16) (held out in both chain length and salt concentration); 20 ps
-  compression + 60 ps NPT, 100 frames (200 ps). Measured 11-17 ns/day on the shared
-  2 cores; with 77,000 MD steps per system (2 ps at 1 fs, 20 ps at 2 fs, 260 ps at
-  4 fs) that is ~35 min per system when shared (an estimated 10-15 min on idle cores);
-  build (RDKit + packmol) 5-40 s, minimisation < 1.5 min.
-* full (closest to the paper this machine can afford): ~2,500 atoms each; train = chain
-  lengths {8, 16, 24} x EO:Li {8, 20}; test = (12, 14) (interpolation) and (32, 14)
-  (longer chains than any training system); 100 ps compression + 900 ps NPT; train
-  2,500 frames (5 ns), test 25,000 frames (50 ns), as in the paper. Cost: 6 x 6 ns +
-  2 x 51 ns = 138 ns; at 25-39 ns/day (39 ns/day measured for 2,500 atoms with a plain
-  NonbondedForce, the exact geometric LJ costs up to 1.6x) that is ~3.5-5.5 days on 2
-  idle cores, more when shared. Building the n_eo = 32 test box takes ~1.5 min (RDKit
-  ETKDG of 233-atom chains ~25 s, packmol ~55 s).
+  compression + 60 ps NPT, 100 frames (200 ps).
+* full (closest to the paper): ~2,500 atoms each; train = chain lengths {8, 16, 24} x
+  EO:Li {8, 20}; test = (12, 14) (interpolation) and (32, 14) (longer chains than any
+  training system); 100 ps compression + 900 ps NPT; train 2,500 frames (5 ns), test
+  25,000 frames (50 ns), as in the paper: 138 ns of MD, days on this machine.
+
+Costs and measured MD speeds of each preset: docs/benchmarks.md.
 
 Protocol (see :func:`build` and the ``equilibrate`` it returns)
 -------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""Throughput of K replicas advanced together in one integrator call (issue 11).
+
+The shipped chain model on a held-out 100-monomer chain (20 beads): K copies laid out
+far apart (LearnedSimulator.rollout_replicas' layout) advance in one model call per
+step. Prints learned steps per second per replica against K, side by side in one run,
+with and without score refinement; the last line sums it up.
+
+    python benchmarks/replicas.py [--k 1 2 4 8 16 32] [--seconds 3] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import openmm
+import torch
+from openmm import app, unit
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--monomers", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    from openmm_cgml.runtime import timed
+    from openmm_cgml.simulator import CGSystem, LearnedSimulator
+    from openmm_cgml.systems import chain
+
+    torch.set_num_threads(args.threads)
+    spec = [s for s in chain.make_specs("tiny", 11, n_train=0, n_test=1, n_monomers=args.monomers)
+            if s.split == "test"][0]
+    built = chain.build(spec)
+    learned = LearnedSimulator.pretrained("chain")
+    masses = [built.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(built.system.getNumParticles())]
+    cg = learned.coarseGrain(built.topology, built.positions, masses=masses)
+    x = cg.positions.value_in_unit(unit.nanometer)
+    spacing = float(np.ptp(x, axis=0).max()) + 4 * float(learned.manifest["model_config"]["cutoff"])
+    platform = openmm.Platform.getPlatformByName("CPU")
+    print(f"chain of {args.monomers} monomers -> {cg.n_beads} beads per replica; {args.threads} torch thread(s)")
+    print(f"{'K':>4} {'beads':>6} {'steps/s (no score)':>19} {'per replica':>12} {'gain':>6} "
+          f"{'steps/s (score)':>16} {'per replica':>12} {'gain':>6}")
+    base = {}
+    gains = {}
+    for k in args.k:
+        mapping = cg.mapping.replicate(k)
+        side = int(np.ceil(k ** (1 / 3)))
+        grid = np.stack(np.unravel_index(np.arange(k), (side, side, side)), axis=1) * spacing
+        positions = (x[None] + grid[:, None]).reshape(-1, 3)
+        big = CGSystem(mapping.to_openmm_topology(), mapping.to_openmm_system(), positions * unit.nanometer, mapping,
+                       np.tile(cg.features, (k, 1)), mapping.cg_bonds, False, None, cg.dilation, cg.seq_len)
+        row = [f"{k:>4} {big.n_beads:>6}"]
+        for score in (False, True):
+            integrator = learned.createIntegrator(big, score=score, seed=1)
+            simulation = app.Simulation(big.topology, big.system, integrator, platform)
+            simulation.context.setPositions(big.positions)
+            simulation.step(2)
+            steps, seconds = timed(simulation.step, args.seconds)
+            rate = steps / seconds
+            per = rate * k
+            base.setdefault(score, per)
+            gains[(k, score)] = per / base[score]
+            row.append(f"{rate:19.1f} {per:12.1f} {per / base[score]:6.1f}")
+        print(" ".join(row), flush=True)
+    k_max = max(args.k)
+    print(f"replicas: K={k_max} gives {gains[(k_max, False)]:.1f}x the per-replica throughput of K={min(args.k)} "
+          f"without refinement, {gains[(k_max, True)]:.1f}x with refinement")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
