@@ -74,7 +74,8 @@ public:
      * longer than `bondLimit` is pulled in to exactly `bondLimit`. Each correction moves
      * the lighter bead more and keeps the pair's centre of mass (so momentum is
      * conserved); pairs are resolved one after another (as SHAKE resolves constraints)
-     * in up to maxExclusionSweeps sweeps, with a fresh neighbour list each sweep. Returns
+     * in up to maxExclusionSweeps sweeps, from a Verlet neighbour list (rebuilt when a
+     * bead has moved more than half its skin). Returns
      * the number of pair corrections made.
      */
     int enforceDistanceLimits(torch::Tensor& x, const torch::Tensor& box, double distance, double bondLimit,
