@@ -103,7 +103,8 @@ def test_self_loops_and_bond_edges():
     assert sorted(t2.tolist()) == [EDGE_RADIUS, EDGE_RADIUS, EDGE_SELF, EDGE_SELF]
 
 
-def test_batched_graph_equals_per_graph():
+@pytest.mark.parametrize("max_block_beads", [64, 0])  # vectorised blocks; one search per graph
+def test_batched_graph_equals_per_graph(max_block_beads):
     gen = torch.Generator().manual_seed(5)
     pos_a = torch.rand(30, 3, generator=gen) * 2
     pos_b = torch.rand(20, 3, generator=gen) * 2
@@ -111,7 +112,9 @@ def test_batched_graph_equals_per_graph():
     bonds_a, bonds_b = torch.tensor([[0, 29]]), torch.tensor([[3, 4], [0, 19]])
     pos = torch.cat([pos_a, pos_b])
     batch = torch.cat([torch.zeros(30, dtype=torch.long), torch.ones(20, dtype=torch.long)])
-    s, r, v, t = build_graph_batched(pos, torch.stack([box_a, box_b]), torch.cat([bonds_a, bonds_b + 30]), batch, 0.6)
+    s, r, v, t = build_graph_batched(pos, torch.stack([box_a, box_b]), torch.cat([bonds_a, bonds_b + 30]), batch, 0.6,
+                                     max_block_beads=max_block_beads)
+    assert len(s) == len(set(zip(s.tolist(), r.tolist())))  # no duplicate edges
     sa, ra, va, ta = build_graph(pos_a, box_a, bonds_a, 0.6)
     sb, rb, vb, tb = build_graph(pos_b, box_b, bonds_b, 0.6)
     got = {(a, b): (tuple(round(x, 5) for x in c.tolist()), d) for a, b, c, d in zip(s.tolist(), r.tolist(), v, t.tolist())}
