@@ -67,6 +67,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from openmm_cgml.coarse_grain import CGMapping, bond_type_table, build_vocabulary
+from openmm_cgml.files import write_atomic
 from openmm_cgml.trajectories import (TRAJECTORY_FILE, list_trajectories, load_trajectory,
                                   read_metadata)
 
@@ -170,10 +171,12 @@ def load_cg_trajectory(directory: str | os.PathLike, mapping: CGMapping | None =
         box = record.box
         fine = fine_rg2(record.positions, mapping).astype(np.float32)
         if cache:
-            tmp = directory / f"cg_{key}.tmp{os.getpid()}.npz"
-            np.savez(tmp, positions=positions, box=box if box is not None else np.zeros((0, 3, 3)),
-                     periodic=box is not None, source_stamp=source_stamp, fine_rg2=fine)
-            os.replace(tmp, cache_path)
+            def save(tmp: Path) -> None:
+                with open(tmp, "wb") as handle:
+                    np.savez(handle, positions=positions, box=box if box is not None else np.zeros((0, 3, 3)),
+                             periodic=box is not None, source_stamp=source_stamp, fine_rg2=fine)
+
+            write_atomic(cache_path, save)
             mapping.save(directory / f"cg_{key}.mapping.json")
     return CGTrajectory(metadata["name"], metadata.get("split", "train"), metadata["kind"], directory,
                         positions, box, mapping, float(metadata["record_interval_ps"]), fine)
