@@ -436,6 +436,24 @@ def _pair_histogram_brute(xa, xb, box, edges, chunk_elems=2_000_000):
     return counts
 
 
+def rdf_first_peak(r, g, smooth: int = 3) -> tuple[float, float] | None:
+    """Position (nm) and height of the first peak of g(r): the first local maximum, after
+    g first exceeds 1, of g smoothed by a ``smooth``-bin moving average (bin noise of
+    short runs makes single-bin maxima). None if g never exceeds 1."""
+    r, g = np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64)
+    if r.shape != g.shape or r.ndim != 1:
+        raise ValueError("r and g must be 1-D arrays of the same length")
+    if smooth > 1 and len(g) >= smooth:
+        g = np.convolve(g, np.ones(smooth) / smooth, mode="same")
+    above = np.flatnonzero(g > 1.0)
+    if above.size == 0:
+        return None
+    i = int(above[0])
+    while i + 1 < len(g) and g[i + 1] >= g[i]:
+        i += 1
+    return float(r[i]), float(g[i])
+
+
 def rdf(positions, boxes, group_a, group_b=None, r_max: float | None = None,
         n_bins: int = 200, r_min: float = 0.0, method: str = "auto", stride: int = 1):
     """Radial distribution function g_AB(r) under periodic boundaries.

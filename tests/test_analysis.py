@@ -358,3 +358,15 @@ def test_rdf_triclinic_counts_match_minimum_image_pairs():
     n_pairs = a.size * b.size - 10
     ideal = n_pairs * 4 / 3 * np.pi * np.diff(np.linspace(0, 1.0, 11) ** 3) / abs(np.linalg.det(box))
     np.testing.assert_allclose(g, counts / ideal, rtol=1e-12)
+
+
+def test_rdf_first_peak_finds_the_first_shell_not_a_later_one():
+    r = np.linspace(0.01, 2.0, 200)
+    g = 1 + 1.5 * np.exp(-((r - 0.45) / 0.05) ** 2) + 0.4 * np.exp(-((r - 0.9) / 0.08) ** 2)
+    g[r < 0.3] = 0.0  # excluded core
+    g += np.random.default_rng(0).normal(0, 0.02, size=r.size)
+    position, height = A.rdf_first_peak(r, g)
+    assert abs(position - 0.45) < 0.02 and abs(height - 2.5) < 0.1
+    assert A.rdf_first_peak(r, np.full_like(r, 0.9)) is None  # never above 1: no shell
+    with pytest.raises(ValueError, match="same length"):
+        A.rdf_first_peak(r, g[:-1])

@@ -198,6 +198,12 @@ def test_evaluate_periodic_electrolyte(tmp_path, recorded_figures):
         diffusivity = runs[label]["diffusivity_nm2_per_ps"]
         assert set(diffusivity) == species
         assert all(np.isfinite(d) for d, _ in diffusivity.values())
+    # RDF first peaks: per species pair for the reference; summarised against it per method
+    peaks = runs["reference MD"].get("rdf_first_peak_nm_height", {})
+    assert peaks and all(0 < r_peak and height > 1 for r_peak, height in peaks.values())
+    short = metrics["summary"]["short MD"]
+    assert short["rdf_peak_shift_max_nm"] >= 0 and short["rdf_peak_height_relative_error_mean"] >= 0
+    assert "RDF first peaks" in report.read_text()
     figures = recorded_figures[system["system"]]
     assert {"rdfs.png", "msd.png", "collisions.png"} <= set(figures)
     for name in ("rdfs.png", "msd.png"):
