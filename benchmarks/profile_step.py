@@ -18,10 +18,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import openmm
 import torch
 from openmm import app, unit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from held_out_chain import held_out_chain  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,8 +38,7 @@ def main(argv=None) -> int:
 
     from openmm_cgml.models.graph import build_graph
     from openmm_cgml.runtime import timed
-    from openmm_cgml.simulator import CGSystem, LearnedSimulator
-    from openmm_cgml.systems import chain
+    from openmm_cgml.simulator import LearnedSimulator
 
     torch.set_num_threads(args.threads)
     learned = LearnedSimulator.pretrained("chain")
@@ -46,21 +50,11 @@ def main(argv=None) -> int:
     per_bead = {}
     for target in args.beads:
         monomers = 50 if target < 20 else 100  # 10 or 20 beads per chain (cg_level 10, 2 particles per monomer)
-        spec = [s for s in chain.make_specs("tiny", 11, n_train=0, n_test=1, n_monomers=monomers)
-                if s.split == "test"][0]
-        built = chain.build(spec)
-        masses = [built.system.getParticleMass(i).value_in_unit(unit.dalton)
-                  for i in range(built.system.getNumParticles())]
-        one = learned.coarseGrain(built.topology, built.positions, masses=masses)
+        _, one = held_out_chain(learned, monomers)
         k = max(1, round(target / one.n_beads))
         x = one.positions.value_in_unit(unit.nanometer)
-        spacing = float(np.ptp(x, axis=0).max()) + 4 * cutoff
-        side = int(np.ceil(k ** (1 / 3)))
-        grid = np.stack(np.unravel_index(np.arange(k), (side, side, side)), axis=1) * spacing
-        mapping = one.mapping.replicate(k)
-        positions = (x[None] + grid[:, None]).reshape(-1, 3)
-        cg = CGSystem(mapping.to_openmm_topology(), mapping.to_openmm_system(), positions * unit.nanometer, mapping,
-                      np.tile(one.features, (k, 1)), mapping.cg_bonds, False, None, one.dilation, one.seq_len)
+        cg, _ = one.replicate(k, float(np.ptp(x, axis=0).max()) + 4 * cutoff)
+        positions = cg.positions.value_in_unit(unit.nanometer)
         ms = {}
         for label, off in (("step", None), ("no limits", 0.0)):
             integrator = learned.createIntegrator(cg, score=False, seed=1, exclusionDistance=off, bondLengthLimit=off)

@@ -12,10 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import openmm
 import torch
 from openmm import app, unit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from held_out_chain import held_out_chain  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,16 +32,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from openmm_cgml.runtime import timed
-    from openmm_cgml.simulator import CGSystem, LearnedSimulator
-    from openmm_cgml.systems import chain
+    from openmm_cgml.simulator import LearnedSimulator
 
     torch.set_num_threads(args.threads)
-    spec = [s for s in chain.make_specs("tiny", 11, n_train=0, n_test=1, n_monomers=args.monomers)
-            if s.split == "test"][0]
-    built = chain.build(spec)
     learned = LearnedSimulator.pretrained("chain")
-    masses = [built.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(built.system.getNumParticles())]
-    cg = learned.coarseGrain(built.topology, built.positions, masses=masses)
+    _, cg = held_out_chain(learned, args.monomers)
     x = cg.positions.value_in_unit(unit.nanometer)
     spacing = float(np.ptp(x, axis=0).max()) + 4 * float(learned.manifest["model_config"]["cutoff"])
     platform = openmm.Platform.getPlatformByName("CPU")
@@ -47,12 +47,7 @@ def main(argv=None) -> int:
     base = {}
     gains = {}
     for k in args.k:
-        mapping = cg.mapping.replicate(k)
-        side = int(np.ceil(k ** (1 / 3)))
-        grid = np.stack(np.unravel_index(np.arange(k), (side, side, side)), axis=1) * spacing
-        positions = (x[None] + grid[:, None]).reshape(-1, 3)
-        big = CGSystem(mapping.to_openmm_topology(), mapping.to_openmm_system(), positions * unit.nanometer, mapping,
-                       np.tile(cg.features, (k, 1)), mapping.cg_bonds, False, None, cg.dilation, cg.seq_len)
+        big, _ = cg.replicate(k, spacing)
         row = [f"{k:>4} {big.n_beads:>6}"]
         for score in modes:
             integrator = learned.createIntegrator(big, score=score, seed=1)

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import openmm
 import torch
 from openmm import app, unit
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from held_out_chain import held_out_chain  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,16 +35,12 @@ def main(argv=None) -> int:
     from openmm_cgml.systems import chain
 
     torch.set_num_threads(args.threads)
-    spec = [s for s in chain.make_specs("tiny", 11, n_train=0, n_test=1, n_monomers=args.monomers)
-            if s.split == "test"][0]
-    built = chain.build(spec)
+    learned = LearnedSimulator.pretrained("chain")
+    built, cg = held_out_chain(learned, args.monomers)
     platform = openmm.Platform.getPlatformByName("CPU")
     tau_ps = chain.ChainParameters().tau.value_in_unit(unit.picosecond)
     md_rate = md_speed(built, threads=args.threads, min_seconds=args.seconds) / tau_ps
 
-    learned = LearnedSimulator.pretrained("chain")
-    masses = [built.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(built.system.getNumParticles())]
-    cg = learned.coarseGrain(built.topology, built.positions, masses=masses)
     integrator = learned.createIntegrator(cg, seed=1)
     simulation = app.Simulation(cg.topology, cg.system, integrator, platform, {"Threads": str(args.threads)})
     simulation.context.setPositions(cg.positions)

@@ -98,6 +98,22 @@ class CGSystem:
         picked = frames[::-1][::step][::-1]
         return self.mapping.map_positions(picked) * unit.nanometer
 
+    def replicate(self, k: int, spacing: float) -> tuple["CGSystem", np.ndarray]:
+        """K copies of this (non-periodic) system as one, on a cubic grid ``spacing`` nm
+        apart (copy r's beads follow copy r-1's). Returns the system and the [K, 3] nm
+        offset of each copy."""
+        if self.periodic:
+            raise ValueError("a periodic system cannot be replicated into one box: each copy would see the "
+                             "others as its periodic images")
+        side = int(np.ceil(k ** (1 / 3) - 1e-9))
+        offsets = np.stack(np.unravel_index(np.arange(k), (side, side, side)), axis=1)[:, ::-1] * float(spacing)
+        mapping = self.mapping.replicate(k)
+        positions = (self.positions.value_in_unit(unit.nanometer)[None] + offsets[:, None]).reshape(-1, 3)
+        system = CGSystem(mapping.to_openmm_topology(), mapping.to_openmm_system(), positions * unit.nanometer,
+                          mapping, np.tile(self.features, (k, 1)), mapping.cg_bonds, False, None, self.dilation,
+                          self.seq_len)
+        return system, offsets.astype(np.float64)
+
     def __repr__(self):
         return (f"<CGSystem {self.mapping.n_atoms} atoms -> {self.n_beads} beads, {len(self.bonds)} CG bonds, "
                 f"features {self.features.shape[1]}, periodic={self.periodic}>")
@@ -493,23 +509,13 @@ class LearnedSimulator:
         """
         import warnings
 
-        if cg.periodic:
-            raise ValueError("rollout_replicas needs a non-periodic system: replicas of a periodic system "
-                             "would see each other as periodic images; run them one by one")
         histories = _nm(histories)
         if histories.ndim != 4 or histories.shape[2:] != (cg.n_beads, 3):
             raise ValueError(f"histories must be [K, T, {cg.n_beads}, 3] nm, got shape {histories.shape}")
         k, cutoff = histories.shape[0], float(self.manifest.get("model_config", {}).get("cutoff", 1.0))
         extent = float(np.max(histories.max(axis=2) - histories.min(axis=2))) if cg.n_beads else 0.0
         spacing = extent + 4 * cutoff if spacing is None else float(spacing)
-        side = int(np.ceil(k ** (1 / 3)))
-        grid = np.stack(np.unravel_index(np.arange(k), (side, side, side)), axis=1)[:, ::-1]
-        offsets = grid * spacing  # [K, 3]
-        mapping = cg.mapping.replicate(k)
-        replicated = CGSystem(mapping.to_openmm_topology(), mapping.to_openmm_system(),
-                              (cg.positions.value_in_unit(unit.nanometer)[None] + offsets[:, None]).reshape(-1, 3)
-                              * unit.nanometer, mapping, np.tile(cg.features, (k, 1)), mapping.cg_bonds, False, None,
-                              cg.dilation, cg.seq_len)
+        replicated, offsets = cg.replicate(k, spacing)
         stacked = (histories + offsets[:, None, None]).transpose(1, 0, 2, 3).reshape(histories.shape[1], -1, 3)
         run = self.rollout(replicated, stacked, n_steps, score=score, seed=seed, limits=limits,
                            label=f"{k} replicas", platform=platform, progress=progress)
