@@ -31,8 +31,7 @@ def main(argv=None) -> int:
             print(f"{directory.name}: no production frames yet, skipped")
             continue
         n_frames = sum(len(c["positions"]) for c in chunks)
-        meta = dict(meta, n_frames=n_frames, complete=True, box=chunks[0]["boxes"][0].tolist(),
-                    source=f"partial snapshot of {directory}")
+        meta = dict(meta, n_frames=n_frames, complete=True, source=f"partial snapshot of {directory}")
         meta.pop("spec_fingerprint", None)
         built = get_system_module(meta["kind"]).build(
             SystemSpec(meta["kind"], meta["name"], meta["split"], meta["seed"], meta["composition"]))

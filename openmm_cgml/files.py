@@ -31,10 +31,6 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
-
-
 def write_json_atomic(path: str | os.PathLike, data: Any, indent: int | None = 1) -> None:
     write_bytes_atomic(path, json.dumps(data, indent=indent).encode())
 

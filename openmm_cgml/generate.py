@@ -348,10 +348,8 @@ def _assemble(built: BuiltSystem, directory: Path, metadata: dict[str, Any], n_f
     np.savetxt(directory / THERMO_FILE, np.concatenate(thermo)[:n_frames], delimiter=",",
                header="time_ps,potential_energy_kJ_mol,kinetic_energy_kJ_mol,kinetic_temperature_K",
                comments="")
+    # write_trajectory stores the production box (after any NPT equilibration), not the initial one
     metadata = dict(metadata, complete=True, production_wall_seconds_last_run=production.wall_seconds)
-    if built.periodic:  # the production box (after any NPT equilibration), not the initial one
-        with np.load(paths[0]) as data:
-            metadata["box"] = data["boxes"][0].tolist()
 
     def chunks():
         for path in paths:

@@ -154,8 +154,9 @@ def write_trajectory(directory: str | os.PathLike, topology: app.Topology,
 
     ``chunks``: (positions [f,n,3] nm, box [f,3,3] nm or None) blocks in time order,
     streamed into the DCD (a long trajectory never sits in memory at once). The PDB
-    holds frame 0 (with its box when ``metadata["periodic"]``); metadata.json is written
-    last, so a trajectory with metadata is whole."""
+    holds frame 0; for a periodic trajectory (``metadata["periodic"]``) frame 0's box is
+    also the PDB's and metadata's ``box``. metadata.json is written last, so a trajectory
+    with metadata is whole."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     periodic = bool(metadata.get("periodic"))
@@ -173,6 +174,7 @@ def write_trajectory(directory: str | os.PathLike, topology: app.Topology,
         raise ValueError(f"{directory}: no frames to write")
     if periodic:
         topology = _with_box(topology, first_box)
+        metadata = dict(metadata, box=first_box.tolist())
     write_topology_pdb(directory / TOPOLOGY_FILE, topology, first_positions)
     write_json_atomic(directory / METADATA_FILE, metadata)
     update_index(directory.parent, metadata)

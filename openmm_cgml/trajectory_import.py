@@ -208,7 +208,7 @@ def import_trajectory(
         "timestep_ps": None,
         "n_frames": int(traj.n_frames),
         "periodic": periodic,
-        "box": box[0].tolist() if periodic else None,
+        "box": None,  # periodic: frame 0's box, set by write_trajectory
         "n_atoms": int(top.n_atoms),
         "atom_types": list(map(str, atom_types)),
         "bond_types": list(map(str, bond_types)),
@@ -272,7 +272,6 @@ def _run_import(args: argparse.Namespace) -> int:
         return 2
     print(f"imported {record.n_frames} frames of {record.n_atoms} atoms into {record.directory}")
     return 0
-
 
 
 def add_cli(subparsers) -> None:

@@ -133,6 +133,7 @@ def test_periodic_trajectory_is_stored_unwrapped_and_imports_back(tmp_path):
     record = trajectories.load_trajectory(directory)
     assert record.periodic and record.box.shape == (150, 3, 3)
     np.testing.assert_allclose(record.box[:, 0, 0], box, rtol=1e-6)
+    np.testing.assert_allclose(record.metadata["box"], record.box[0], rtol=1e-6)  # the production box
     positions = record.positions.astype(np.float64)
     # some atoms left the primary box: a wrapped trajectory would have jumped...
     assert positions.min() < 0 or positions.max() > box
@@ -163,6 +164,7 @@ def test_periodic_trajectory_is_stored_unwrapped_and_imports_back(tmp_path):
     np.testing.assert_allclose(shift[0, 0::2], shift[0, 1::2], atol=2e-4)
     np.testing.assert_allclose(shift / box, np.round(shift / box), atol=2e-4)
     assert [p.name for p in trajectories.list_trajectories(tmp_path / "user_data")] == ["mine"]
+    np.testing.assert_allclose(imported.metadata["box"], imported.box[0], rtol=1e-6)
 
 
 def test_import_rejects_topology_without_bonds(tmp_path):

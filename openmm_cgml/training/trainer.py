@@ -141,9 +141,11 @@ class Trainer:
         self.net.dynamics.set_normalization(self.stats["velocity_std"], self.stats["acceleration_std"],
                                             feature_mean, feature_std)
         self.property_baselines = self._setup_property(feature_mean, feature_std)
-        pools = distance_pools(self.train_set)
-        self.net.dynamics.exclusion_distance = exclusion_distance(self.train_set, config.exclusion_quantile, pools=pools)
-        self.net.dynamics.bond_length_limit = bond_length_limit(self.train_set, config.bond_limit_quantile, pools=pools)
+        self.distance_pools = distance_pools(self.train_set)  # read again by calibrate_exclusion
+        self.net.dynamics.exclusion_distance = exclusion_distance(self.train_set, config.exclusion_quantile,
+                                                                  pools=self.distance_pools)
+        self.net.dynamics.bond_length_limit = bond_length_limit(self.train_set, config.bond_limit_quantile,
+                                                                pools=self.distance_pools)
         if self.rank == 0 and self.progress:
             print(f"distance limits from the training data: excluded volume "
                   f"{self.net.dynamics.exclusion_distance:.4g} nm, bond-length limit "
@@ -496,7 +498,7 @@ class Trainer:
         rollout = self.config.rollout
         validators = [RolloutValidator(self.val_set, self.config.dilation, rollout["steps"], rollout["starts"],
                                        rollout["systems"], self.config.seed + k, False) for k in range(seeds)]
-        limits, pools = {}, distance_pools(self.train_set)
+        limits, pools = {}, self.distance_pools
         for quantile in self.config.exclusion_calibration:
             limits[quantile] = ((exclusion_distance(self.train_set, quantile, pools=pools),
                                  bond_length_limit(self.train_set, quantile, pools=pools)) if quantile > 0 else (0.0, 0.0))
