@@ -166,11 +166,18 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
                     out_dir: Path, *, seed: int = 1, progress: bool = True, sl_prediction: float | None = None,
                     ablation_model: str | None = None, measure_md: bool = True, cg=None) -> dict:
     """Evaluate every model on one held-out system; write its plots; return its metrics.
-    ``cg``: the system coarse-grained by the first model, if already computed."""
+    ``cg``: the system coarse-grained by the first model, if already computed. Every
+    model runs on its own coarse-graining (its embedding GNN makes its bead features);
+    the models must share the CG mapping, which the observables are computed on."""
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(models.values()))
     cg = first.coarseGrain(record) if cg is None else cg
     mapping = cg.mapping
+    cg_of = {label: cg if learned is first else learned.coarseGrain(record) for label, learned in models.items()}
+    for label, own in cg_of.items():
+        if own.n_beads != cg.n_beads or not np.array_equal(own.mapping.bead_of_atom, mapping.bead_of_atom):
+            raise ValueError(f"model {label!r} maps {record.name} onto other beads than model "
+                             f"{next(iter(models))!r} (its CG settings differ); evaluate them separately")
     reference = mapping.map_positions(record.positions).astype(np.float32)
     interval = record.record_interval_ps
     dilation = first.dilation
@@ -194,22 +201,23 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
     start_frames = reference[: (seq_len - 1) * dilation + 1 : dilation].astype(np.float64)
 
     runs = [long_ref, short_ref]
-    model_of_run = {}
+    model_of_run = {}  # run label -> the label of the model that made it
     for label, learned in models.items():
+        own = cg_of[label]
         dcd = app.DCDReporter(str(out_dir / f"{label.replace(' ', '_')}.dcd"), 1, enforcePeriodicBox=False)
-        runs.append(learned.rollout(cg, start_frames, n_steps, seed=seed, label=label, progress=progress,
+        runs.append(learned.rollout(own, start_frames, n_steps, seed=seed, label=label, progress=progress,
                                     reporters=[dcd]))
-        model_of_run[label] = learned
+        model_of_run[label] = label
         if label == ablation_model and learned.scorePath is not None:
-            runs.append(learned.rollout(cg, start_frames, n_steps, score=False, seed=seed,
+            runs.append(learned.rollout(own, start_frames, n_steps, score=False, seed=seed,
                                         label=f"{label} (no score)", progress=progress))
-            model_of_run[f"{label} (no score)"] = learned
+            model_of_run[f"{label} (no score)"] = label
         if label == ablation_model and (learned.manifest.get("exclusion_distance_nm", 0.0) > 0
                                         or learned.manifest.get("bond_length_limit_nm", 0.0) > 0):
             plain = f"{label} (no score, no limits)" if learned.scorePath is not None else f"{label} (no limits)"
-            runs.append(learned.rollout(cg, start_frames, n_steps, score=False, seed=seed, label=plain,
+            runs.append(learned.rollout(own, start_frames, n_steps, score=False, seed=seed, label=plain,
                                         progress=progress, limits=False))
-            model_of_run[plain] = learned
+            model_of_run[plain] = label
     # fine-level Rg^2: true (atoms) for the MD runs, the property head's for learned runs
     fine_ref = fine_rg2_series(record.positions[::dilation], mapping)
     fine = {}
@@ -217,7 +225,8 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
         fine[long_ref.label] = fine_ref
         fine[short_ref.label] = fine_ref[:short_frames]
         for run in runs[2:]:
-            predicted = predicted_fine_rg2_series(model_of_run[run.label], cg, run.positions)
+            label = model_of_run[run.label]
+            predicted = predicted_fine_rg2_series(models[label], cg_of[label], run.positions)
             if predicted is not None:
                 fine[run.label] = predicted
     max_lag = max(2, int(len(long_ref.positions) // 2))
@@ -230,7 +239,7 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
         "rollout_steps": n_steps, "collision_threshold_nm": threshold, "runs": {},
     }
     if fine_ref is not None:
-        head_on_reference = {label: predicted_fine_rg2_series(learned, cg, long_ref.positions)
+        head_on_reference = {label: predicted_fine_rg2_series(learned, cg_of[label], long_ref.positions)
                              for label, learned in models.items()}
         metrics["fine_rg2_head_on_reference"] = {label: float(np.mean(v)) for label, v in head_on_reference.items()
                                                  if v is not None}

@@ -214,3 +214,33 @@ def test_evaluate_periodic_electrolyte(tmp_path, recorded_figures):
         assert set(series(figures["rdfs.png"], panel)) <= {"reference MD", "short MD", "tiny", "tiny (no score)",
                                                            "tiny (no score, no limits)"}
         assert "reference MD" in series(figures["rdfs.png"], panel)
+
+
+def test_every_model_runs_on_its_own_bead_features(exported_tiny_model, chain_data_dir, tmp_path, monkeypatch):
+    """Two models with different embedding GNNs: each rollout gets the features of its
+    own model (a model given another's features simulates a different system)."""
+    from openmm_cgml.packaging import export_checkpoint
+    from openmm_cgml.training import load_config, train
+
+    run = tmp_path / "other"
+    config = load_config("chain-tiny", {"data_dir": str(chain_data_dir), "steps": 2, "val_every": 0,
+                                        "checkpoint_every": 2, "num_threads": 1, "seed": 7})
+    train(config, run, progress=False)
+    models = {"a": LearnedSimulator.load(exported_tiny_model),
+              "b": LearnedSimulator.load(export_checkpoint(run, run / "exported"))}
+    record = load_trajectory(list_trajectories(chain_data_dir, split="test")[0])
+    own = {label: m.coarseGrain(record).features for label, m in models.items()}
+    assert not np.allclose(own["a"], own["b"])
+    seen = {}
+    for label, learned in models.items():
+        original = learned.rollout
+
+        def spy(cg, *args, _label=label, _original=original, **kwargs):
+            seen.setdefault(_label, []).append(np.array(cg.features))
+            return _original(cg, *args, **kwargs)
+
+        monkeypatch.setattr(learned, "rollout", spy)
+    evaluate.evaluate_system(record, models, 20.0, 1.0, tmp_path / "report", progress=False, measure_md=False,
+                             ablation_model="a")
+    for label in models:
+        assert seen[label] and all(np.array_equal(f, own[label]) for f in seen[label])
