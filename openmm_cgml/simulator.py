@@ -421,8 +421,8 @@ class LearnedSimulator:
     # -- integrator -------------------------------------------------------------------------
     def createIntegrator(self, cg: CGSystem, score: bool = True, deterministic: bool = False,
                          seed: int = 0, langevinSteps: int | None = None,
-                         langevinStepSize: float | None = None, exclusionDistance=None,
-                         bondLengthLimit=None):
+                         langevinStepSize: float | None = None, langevinSchedule: str | None = None,
+                         exclusionDistance=None, bondLengthLimit=None):
         """A :class:`~openmm_cgml.CGMLIntegrator` for ``cg`` (bead features, CG bonds and
         periodicity set). ``score=False`` runs without refinement; ``exclusionDistance``
         and ``bondLengthLimit`` (nm or length Quantities; 0 turns them off) override the
@@ -445,6 +445,8 @@ class LearnedSimulator:
             integrator.setLangevinSteps(langevinSteps)
         if langevinStepSize is not None:
             integrator.setLangevinStepSize(langevinStepSize)
+        if langevinSchedule is not None:
+            integrator.setLangevinSchedule(langevinSchedule)
         if exclusionDistance is not None:
             integrator.setExclusionDistance(exclusionDistance)
         if bondLengthLimit is not None:
@@ -453,19 +455,27 @@ class LearnedSimulator:
 
     def rollout(self, cg: CGSystem, history, n_steps: int, *, score: bool = True, seed: int = 1,
                 limits: bool = True, label: str = "learned", platform: str = "CPU", progress: bool = False,
-                reporters: Sequence[Any] = ()) -> CGRun:
+                reporters: Sequence[Any] = (), langevin: dict[str, Any] | None = None) -> CGRun:
         """Run ``n_steps`` learned steps in an ordinary ``app.Simulation`` and keep every frame.
 
         ``history``: CG frames one model step apart (e.g. ``cg.map_trajectory(...)``; nm or
         a Quantity), the last ``seq_len`` are used. ``score=False``: no refinement;
-        ``limits=False``: without the model's distance limits. ``reporters`` are added to
+        ``limits=False``: without the model's distance limits; ``langevin``: overrides of
+        the score model's Langevin settings, keyword arguments of :meth:`createIntegrator`
+        (``langevinSteps``, ``langevinStepSize``, ``langevinSchedule``). ``reporters`` are added to
         the simulation (e.g. ``app.DCDReporter``). A failing step (NaN, ...) ends the
         rollout early: the frames before it are kept and the failure is recorded.
         """
         from tqdm.auto import tqdm
 
+        langevin = dict(langevin or {})
+        unknown = set(langevin) - {"langevinSteps", "langevinStepSize", "langevinSchedule"}
+        if unknown:
+            raise ValueError(f"unknown Langevin settings {sorted(unknown)}; "
+                             "known: langevinSteps, langevinStepSize, langevinSchedule")
         off = None if limits else 0.0
-        integrator = self.createIntegrator(cg, score=score, seed=seed, exclusionDistance=off, bondLengthLimit=off)
+        integrator = self.createIntegrator(cg, score=score, seed=seed, exclusionDistance=off, bondLengthLimit=off,
+                                           **(langevin if score else {}))
         simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName(platform))
         frames_in = _nm(history)
         if frames_in.ndim == 2:

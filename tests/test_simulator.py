@@ -189,3 +189,19 @@ def test_user_pdb_and_dcd_of_an_unseen_chain(exported, tmp_path):
     assert np.isfinite(x).all() and cg_simulation.currentStep == 30
     history = integrator.getHistory().value_in_unit(unit.nanometer)
     assert history.shape == (sim.seqLen, 6, 3) and np.allclose(history[-1], x)
+
+
+def test_rollout_applies_langevin_overrides(exported, test_record):
+    """Zero Langevin steps make a refined rollout draw exactly the unrefined one's noise
+    (the overrides reach the integrator); an unknown setting is refused by name."""
+    learned = openmm_cgml.LearnedSimulator.load(exported)
+    assert learned.scorePath is not None
+    cg = learned.coarseGrain(test_record)
+    history = cg.map_trajectory(test_record)[: learned.seqLen]
+    plain = learned.rollout(cg, history, 4, score=False, seed=5)
+    no_steps = learned.rollout(cg, history, 4, seed=5, langevin={"langevinSteps": 0})
+    refined = learned.rollout(cg, history, 4, seed=5)
+    np.testing.assert_array_equal(no_steps.positions, plain.positions)
+    assert not np.allclose(refined.positions[1:], plain.positions[1:])
+    with pytest.raises(ValueError, match="unknown Langevin settings.*langevinSigma"):
+        learned.rollout(cg, history, 1, langevin={"langevinSigma": 1.0})

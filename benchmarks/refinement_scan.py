@@ -1,0 +1,167 @@
+"""What score refinement buys, and what it costs, on a held-out periodic system
+(issues 11 and 13): one exported model, several refinement settings, several seeds,
+measured side by side in one run.
+
+For every setting (``none``: dynamics only; ``K[:schedule[:eps]]``: K Langevin steps per
+noise level of the model's ladder, optionally with another schedule or step size) and seed, the learned simulator runs ``--steps`` steps through
+CGMLIntegrator in an app.Simulation from the held-out reference's first frames. Each
+rollout and the reference are analysed by the evaluation's own functions
+(:mod:`openmm_cgml.evaluate`), and the table gives, mean and spread (min-max) over
+seeds:
+
+  ms/step       wall time per learned step (``--threads`` torch threads)
+  collisions    mean bead collisions per bead (threshold: the reference's 1 % quantile
+                of nearest non-bonded distances, as in ``cgml evaluate``)
+  peak shift    largest |first-peak position - reference| over the bead-species RDFs
+                whose reference first peak rises above g = 1.5 (nm)
+  height err    mean |first-peak height / reference - 1| over those RDFs
+  Rg2 ratio     <Rg^2> of the polymer chains (CG, mass-weighted) / the reference's
+  MSD ratio     per species, MSD(learned) / MSD(reference) at half the reference's
+                length (the longest lag with many time origins in both)
+
+The reference and the short MD (the reference cut to the training length) are scored
+the same way. Targets of issue 13: shift <= 0.05 nm, height error <= 15 %, collisions
+<= the reference's, MSD ratios within [1/1.5, 1.5].
+
+    python benchmarks/refinement_scan.py MODEL_DIR [--data data/electrolyte-pretrain]
+        [--settings none 1 2] [--seeds 1 2 3] [--steps 500] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+
+MIN_PEAK = 1.5
+
+
+def first_peaks(obs) -> dict:
+    from openmm_cgml import analysis
+
+    peaks = {f"{a}-{b}": analysis.rdf_first_peak(*curve) for (a, b), curve in obs.rdfs.items()}
+    return {k: v for k, v in peaks.items() if v is not None}
+
+
+def msd_at(result, lag_ps: float) -> float:
+    return float(np.interp(lag_ps, result.lag_times, result.msd))
+
+
+def score_run(obs, ref_obs, ref_peaks, lag_ps) -> dict:
+    peaks = first_peaks(obs)
+    common = [k for k in ref_peaks if k in peaks]
+    shift = max(abs(peaks[k][0] - ref_peaks[k][0]) for k in common) if common else float("nan")
+    height = float(np.mean([abs(peaks[k][1] / ref_peaks[k][1] - 1) for k in common])) if common else float("nan")
+    ratios = {s: msd_at(obs.msd[s], lag_ps) / msd_at(ref_obs.msd[s], lag_ps) for s in ref_obs.msd if s in obs.msd}
+    rg2 = obs.rg2_mean / ref_obs.rg2_mean if obs.rg2_mean is not None and ref_obs.rg2_mean else float("nan")
+    return {"collisions": float(np.mean(obs.collision)), "shift": shift, "height": height, "msd": ratios,
+            "rg2": rg2}
+
+
+def spread(values) -> str:
+    v = np.asarray(values, dtype=float)
+    if len(v) == 1:
+        return f"{v[0]:.3g}"
+    return f"{v.mean():.3g} ({v.min():.3g}-{v.max():.3g})"
+
+
+def parse_setting(setting: str) -> dict:
+    """'none' -> {}; 'K[:schedule[:eps]]' -> createIntegrator's Langevin overrides."""
+    if setting == "none":
+        return {}
+    parts = setting.split(":")
+    out = {"langevinSteps": int(parts[0])}
+    if len(parts) > 1 and parts[1]:
+        out["langevinSchedule"] = parts[1]
+    if len(parts) > 2:
+        out["langevinStepSize"] = float(parts[2])
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--data", default="data/electrolyte-pretrain")
+    parser.add_argument("--settings", nargs="+", default=["none", "1", "2"],
+                        help="'none' (no refinement) or K[:schedule[:eps]]: Langevin steps per level, "
+                             "optionally the schedule (constant, ncsn) and step size eps (nm^2)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    from openmm_cgml import analysis
+    from openmm_cgml.evaluate import bead_species, compute_observables, molecule_groups, training_length_ps
+    from openmm_cgml.simulator import CGRun, LearnedSimulator
+    from openmm_cgml.trajectories import list_trajectories, load_trajectory
+
+    torch.set_num_threads(args.threads)
+    learned = LearnedSimulator.load(args.model)
+    record = load_trajectory(list_trajectories(args.data, split="test")[0])
+    if not record.periodic:
+        raise SystemExit("refinement_scan needs a periodic held-out system (RDFs, MSDs)")
+    cg = learned.coarseGrain(record)
+    mapping = cg.mapping
+    dilation, seq_len = learned.dilation, learned.seqLen
+    step_ps = dilation * record.record_interval_ps
+    reference = mapping.map_positions(record.positions).astype(np.float32)[::dilation]
+    box = record.box[-1]
+    masses = np.asarray(mapping.bead_masses, dtype=np.float64)
+    groups = molecule_groups(mapping)
+    species = bead_species(record, mapping)
+    bonds = np.asarray(mapping.cg_bonds)
+    names = sorted(set(species))
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i:]]
+    threshold = analysis.collision_threshold(reference, boxes=box, bonds=bonds)
+    train_ps = training_length_ps(args.data)
+    lag_ps = 0.5 * (len(reference) - 1) * step_ps
+
+    def observe(label, frames):
+        return compute_observables(CGRun(label, frames, step_ps, box), masses, groups, species, bonds, threshold,
+                                   True, pairs)
+
+    ref_obs = observe("reference MD", reference)
+    # pairs whose reference has a real first peak (g > 1.5); a peak barely above 1 (e.g.
+    # Li-Li, 6 ions) is bin noise, and its "position" jumps
+    ref_peaks = {k: v for k, v in first_peaks(ref_obs).items() if v[1] > MIN_PEAK}
+    short = reference[: int(round(train_ps / step_ps)) + 1]
+    print(f"{record.name}: {mapping.n_beads} beads, step {step_ps:g} ps, reference {(len(reference) - 1) * step_ps:g} ps,"
+          f" rollouts {args.steps} steps ({args.steps * step_ps / 1000:g} ns = "
+          f"{args.steps * step_ps / train_ps:.3g}x the training trajectories); {args.threads} torch thread(s)")
+    print(f"collision threshold {threshold:.3f} nm; MSD ratios at {lag_ps:g} ps; seeds {args.seeds}")
+    print(f"reference first peaks above g = {MIN_PEAK} (nm, height): "
+          + ", ".join(f"{k} {v[0]:.3f}/{v[1]:.2f}" for k, v in ref_peaks.items()))
+    rows = [("reference MD", None, [score_run(ref_obs, ref_obs, ref_peaks, lag_ps)], [])]
+    if len(short) > 4:
+        rows.append(("short MD", None, [score_run(observe("short MD", short), ref_obs, ref_peaks, lag_ps)], []))
+    start = reference[:seq_len].astype(np.float64)
+    for setting in args.settings:
+        scores, times, failures = [], [], 0
+        for seed in args.seeds:
+            run = learned.rollout(cg, start, args.steps, score=setting != "none", seed=seed,
+                                  langevin=parse_setting(setting))
+            failures += run.failed_at_step is not None
+            times.append(run.wall_seconds / max(1, len(run.positions) - 1) * 1000)
+            scores.append(score_run(observe(setting, run.positions), ref_obs, ref_peaks, lag_ps))
+            print(f"  {setting} seed {seed}: {times[-1]:.3g} ms/step, collisions {scores[-1]['collisions']:.3g}"
+                  + (f", failed at step {run.failed_at_step}" if run.failed_at_step else ""),
+                  file=sys.stderr, flush=True)
+        rows.append(("no refinement" if setting == "none" else f"refined {setting}", times, scores, failures))
+
+    species_names = sorted(ref_obs.msd)
+    head = (f"{'run':<16} {'ms/step':>16} {'collisions':>22} {'peak shift nm':>22} {'height err':>22} "
+            f"{'Rg2 ratio':>22}")
+    print("\n" + head + "".join(f" {'MSD ' + s:>22}" for s in species_names) + "  failures")
+    for label, times, scores, failures in rows:
+        line = (f"{label:<16} {spread(times) if times else '-':>16} {spread([s['collisions'] for s in scores]):>22} "
+                f"{spread([s['shift'] for s in scores]):>22} {spread([s['height'] for s in scores]):>22} "
+                f"{spread([s['rg2'] for s in scores]):>22}")
+        line += "".join(f" {spread([s['msd'].get(n, np.nan) for s in scores]):>22}" for n in species_names)
+        print(line + (f"  {failures}" if times else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
