@@ -156,3 +156,46 @@ def test_model_dir_without_property_head_still_loads(trained, tmp_path):
     with pytest.raises(ValueError, match="no property head"):
         sim.fineRg2(None, torch.zeros(4, 3).numpy())
     assert LearnedSimulator.load(out).hasPropertyHead
+
+
+def test_export_sets_langevin_defaults(trained, chain_data_dir, tmp_path, capsys):
+    """Inference settings chosen after training reach the score archive (what the
+    integrator starts from) and the manifest; bad values are refused before writing."""
+    from openmm_cgml.simulator import LearnedSimulator
+
+    checkpoint, default_dir = trained
+    default = json.loads((default_dir / MANIFEST).read_text())
+    out = tmp_path / "k1"
+    assert cgml_main(["export", str(checkpoint), "-o", str(out), "--langevin-steps", "1",
+                      "--langevin-step-size", "2.5e-3", "--langevin-schedule", "ncsn"]) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert default["langevin_steps"] != 1
+    assert manifest["langevin_steps"] == 1 and manifest["langevin_step_size_nm2"] == pytest.approx(2.5e-3)
+    assert manifest["model_config"]["langevin_schedule"] == "ncsn"
+    score = torch.jit.load(str(out / "score.pt"))
+    assert (score.langevin_steps, score.langevin_schedule) == (1, "ncsn")
+    from openmm_cgml.trajectories import list_trajectories, load_trajectory
+
+    learned = LearnedSimulator.load(out)
+    integrator = learned.createIntegrator(learned.coarseGrain(
+        load_trajectory(list_trajectories(chain_data_dir, split="test")[0])), seed=1)
+    assert integrator.getLangevinSteps() == 1 and integrator.getLangevinSchedule() == "ncsn"
+    assert integrator.getLangevinStepSize() == pytest.approx(2.5e-3)
+    # a shortened ladder: the smallest levels, and the network reads sigma as trained
+    short = tmp_path / "short"
+    assert cgml_main(["export", str(checkpoint), "-o", str(short), "--langevin-levels", "2"]) == 0
+    full_ladder = torch.jit.load(str(default_dir / "score.pt"))
+    cut = torch.jit.load(str(short / "score.pt"))
+    assert torch.equal(cut.sigmas, full_ladder.sigmas[-2:])
+    assert json.loads((short / MANIFEST).read_text())["sigmas_nm"] == pytest.approx(full_ladder.sigmas[-2:].tolist())
+    n, latent_dim = 6, full_ladder.latent_dim
+    inputs = (torch.randn(n, 3), torch.randn(n, latent_dim), torch.zeros(3, 3),
+              torch.randn(n, full_ladder.num_features), torch.zeros(0, 2, dtype=torch.long), full_ladder.sigmas[-1])
+    torch.testing.assert_close(cut(*inputs), full_ladder(*inputs))
+    for bad, message in ((["--langevin-steps", "-1"], "integer >= 0"),
+                         (["--langevin-step-size", "0"], "positive number"),
+                         (["--langevin-levels", "0"], "integer from 1 to the ladder's")):
+        assert cgml_main(["export", str(checkpoint), "-o", str(tmp_path / "bad")] + bad) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+
