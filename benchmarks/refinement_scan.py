@@ -35,9 +35,6 @@ import numpy as np
 import torch
 
 
-MIN_PEAK = 1.5
-
-
 def first_peaks(obs) -> dict:
     from openmm_cgml import analysis
 
@@ -50,10 +47,11 @@ def msd_at(result, lag_ps: float) -> float:
 
 
 def score_run(obs, ref_obs, ref_peaks, lag_ps) -> dict:
-    peaks = first_peaks(obs)
-    common = [k for k in ref_peaks if k in peaks]
-    shift = max(abs(peaks[k][0] - ref_peaks[k][0]) for k in common) if common else float("nan")
-    height = float(np.mean([abs(peaks[k][1] / ref_peaks[k][1] - 1) for k in common])) if common else float("nan")
+    from openmm_cgml import analysis
+
+    errors = list(analysis.rdf_peak_errors(ref_peaks, first_peaks(obs)).values())
+    shift = max(e[0] for e in errors) if errors else float("nan")
+    height = float(np.mean([e[1] for e in errors])) if errors else float("nan")
     ratios = {s: msd_at(obs.msd[s], lag_ps) / msd_at(ref_obs.msd[s], lag_ps) for s in ref_obs.msd if s in obs.msd}
     rg2 = obs.rg2_mean / ref_obs.rg2_mean if obs.rg2_mean is not None and ref_obs.rg2_mean else float("nan")
     return {"collisions": float(np.mean(obs.collision)), "shift": shift, "height": height, "msd": ratios,
@@ -123,16 +121,14 @@ def main(argv=None) -> int:
                                    True, pairs)
 
     ref_obs = observe("reference MD", reference)
-    # pairs whose reference has a real first peak (g > 1.5); a peak barely above 1 (e.g.
-    # Li-Li, 6 ions) is bin noise, and its "position" jumps
-    ref_peaks = {k: v for k, v in first_peaks(ref_obs).items() if v[1] > MIN_PEAK}
+    ref_peaks = first_peaks(ref_obs)
     short = reference[: int(round(train_ps / step_ps)) + 1]
     print(f"{record.name}: {mapping.n_beads} beads, step {step_ps:g} ps, reference {(len(reference) - 1) * step_ps:g} ps,"
           f" rollouts {args.steps} steps ({args.steps * step_ps / 1000:g} ns = "
           f"{args.steps * step_ps / train_ps:.3g}x the training trajectories); {args.threads} torch thread(s)")
     print(f"collision threshold {threshold:.3f} nm; MSD ratios at {lag_ps:g} ps; seeds {args.seeds}")
-    print(f"reference first peaks above g = {MIN_PEAK} (nm, height): "
-          + ", ".join(f"{k} {v[0]:.3f}/{v[1]:.2f}" for k, v in ref_peaks.items()))
+    print(f"reference first peaks compared (above g = {analysis.RDF_PEAK_MIN_HEIGHT:g}; nm, height): "
+          + ", ".join(f"{k} {v[0]:.3f}/{v[1]:.2f}" for k, v in ref_peaks.items() if v[1] > analysis.RDF_PEAK_MIN_HEIGHT))
     rows = [("reference MD", None, [score_run(ref_obs, ref_obs, ref_peaks, lag_ps)], [])]
     if len(short) > 4:
         rows.append(("short MD", None, [score_run(observe("short MD", short), ref_obs, ref_peaks, lag_ps)], []))

@@ -454,6 +454,19 @@ def rdf_first_peak(r, g, smooth: int = 3) -> tuple[float, float] | None:
     return float(r[i]), float(g[i])
 
 
+RDF_PEAK_MIN_HEIGHT = 1.5
+
+
+def rdf_peak_errors(reference: dict, other: dict, min_height: float = RDF_PEAK_MIN_HEIGHT) -> dict:
+    """Compare first RDF peaks, {pair: (position nm, height)} as from
+    :func:`rdf_first_peak`, with the reference's: per pair whose reference peak rises
+    above ``min_height`` (a peak barely above g = 1, e.g. of a handful of ions, is bin
+    noise and its position jumps) and that ``other`` has too, the position shift |dr|
+    (nm) and the relative height error |h / h_ref - 1|. Returns {pair: (shift, height)}."""
+    return {pair: (abs(other[pair][0] - ref[0]), abs(other[pair][1] / ref[1] - 1))
+            for pair, ref in reference.items() if ref[1] > min_height and pair in other}
+
+
 def rdf(positions, boxes, group_a, group_b=None, r_max: float | None = None,
         n_bins: int = 200, r_min: float = 0.0, method: str = "auto", stride: int = 1):
     """Radial distribution function g_AB(r) under periodic boundaries.

@@ -356,9 +356,9 @@ def summarise(all_metrics: list[dict]) -> dict[str, dict[str, float]]:
             if pairs:
                 ref, est = np.array(pairs).T
                 out[f"D_{species}_mean_relative_error"] = float(np.mean(np.abs(analysis.relative_error(est, ref))))
-        peaks = [(r.get("rdf_first_peak_nm_height", {}), m.get("rdf_first_peak_nm_height", {})) for r, m in rows]
-        shifts = [abs(m[k][0] - r[k][0]) for r, m in peaks for k in r if k in m]
-        heights = [abs(m[k][1] / r[k][1] - 1) for r, m in peaks for k in r if k in m]
+        errors = [e for r, m in rows for e in analysis.rdf_peak_errors(
+            r.get("rdf_first_peak_nm_height", {}), m.get("rdf_first_peak_nm_height", {})).values()]
+        shifts, heights = [e[0] for e in errors], [e[1] for e in errors]
         if shifts:
             out["rdf_peak_shift_max_nm"] = float(np.max(shifts))
             out["rdf_peak_height_relative_error_mean"] = float(np.mean(heights))
@@ -396,7 +396,8 @@ def write_report(all_metrics: list[dict], out_dir: Path, context: dict) -> Path:
             lines.append(f"| {method} | " + " | ".join(_fmt(s.get(k)) for k in d_keys) + " |")
     if any("rdf_peak_shift_max_nm" in s for s in summary.values()):
         lines += ["", "RDF first peaks (bead species pairs; the first local maximum above 1 of the 3-bin "
-                  "smoothed g(r)), against the reference's:", "",
+                  "smoothed g(r)), against the reference's, over the pairs whose reference peak rises above "
+                  f"g = {analysis.RDF_PEAK_MIN_HEIGHT:g}:", "",
                   "| method | largest peak shift (nm) | mean peak-height relative error |", "| --- | --- | --- |"]
         for method, s in summary.items():
             if "rdf_peak_shift_max_nm" in s:

@@ -370,3 +370,13 @@ def test_rdf_first_peak_finds_the_first_shell_not_a_later_one():
     assert A.rdf_first_peak(r, np.full_like(r, 0.9)) is None  # never above 1: no shell
     with pytest.raises(ValueError, match="same length"):
         A.rdf_first_peak(r, g[:-1])
+
+
+def test_rdf_peak_errors_skip_reference_peaks_that_barely_rise():
+    reference = {"A-B": (0.27, 8.0), "A-A": (0.57, 1.06), "B-B": (0.40, 6.0)}
+    other = {"A-B": (0.25, 6.0), "A-A": (0.24, 3.0)}  # B-B has no peak in the other run
+    errors = A.rdf_peak_errors(reference, other)
+    assert set(errors) == {"A-B"}  # A-A: reference peak 1.06 < 1.5; B-B: missing in other
+    shift, height = errors["A-B"]
+    assert shift == pytest.approx(0.02) and height == pytest.approx(0.25)
+    assert set(A.rdf_peak_errors(reference, other, min_height=1.0)) == {"A-B", "A-A"}
