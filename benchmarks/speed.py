@@ -1,20 +1,31 @@
-"""Simulated time per wall-clock second: reference OpenMM MD vs the learned simulator.
+"""Simulated time per wall-clock second: OpenMM MD against the shipped learned
+simulators, side by side in one run (issue 11).
 
-For each embedded system (demo size), in one run on this machine:
-  (a) reference MD of the fine system at its usual time step (CPU platform);
-  (b) the learned simulator through CGMLIntegrator in an app.Simulation, with and
-      without score refinement, using the model architecture of the system's demo
-      training preset (cost does not depend on the weights: an untrained model of the
-      same size is timed unless --model gives an exported one for the chain);
-and the ratio (b)/(a). Then the time per learned step against the number of beads
-(100 to 10,000 beads at the electrolyte's CG bead density) shows how cost grows.
+For each system, on this machine, with ``--threads`` threads for both:
+  MD         the fine system at its usual time step (OpenMM CPU platform);
+  learned    ``LearnedSimulator.pretrained(system)`` through CGMLIntegrator in an
+             app.Simulation with the model's shipped settings (distance limits on),
+             with score refinement (when the model has a score model) and without;
+and the ratios learned / MD.
 
-    python benchmarks/speed.py [--systems chain electrolyte] [--sizes 100 1000 10000]
+  chain        a held-out (class-II) chain of ``--monomers`` monomers, built and
+               coarse-grained (the accuracy benchmark's kind of chain);
+  electrolyte  the held-out composition of the shipped model's data (n_eo 12, EO:Li 16,
+               840 atoms) at the last frame of its recorded trajectory (``--data``); without
+               the data, as packed (lower density: both MD and the learned step faster).
+
+Then the time per learned step against the number of beads (``--sizes``, random beads at
+the electrolyte's CG density) shows how cost grows. The last line sums up, e.g.
+``speed: chain 352x MD (refined: no score model), electrolyte 14000x MD (refined: 700x)``.
+
+    python benchmarks/speed.py [--systems chain electrolyte] [--seconds 3] [--threads 1]
+                               [--monomers 100] [--sizes 100 1000 10000] [--data DIR]
+                               [--langevin-steps K]
 """
 from __future__ import annotations
 
 import argparse
-import tempfile
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,114 +33,131 @@ import openmm
 import torch
 from openmm import app, unit
 
-from openmm_cgml import CGMLIntegrator
-from openmm_cgml.coarse_grain import CGMapping
-from openmm_cgml.generate import md_speed
-from openmm_cgml.models import build_dynamics_model, build_score_model, export_models
-from openmm_cgml.runtime import timed
-from openmm_cgml.systems import get_system_module
-from openmm_cgml.training import load_config
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from held_out_chain import held_out_chain  # noqa: E402
 
 
+def learned_speed(learned, cg, score: bool, seconds: float, threads: int, langevin_steps: int | None = None) -> float:
+    """Simulated ps per wall-clock second of ``learned`` on ``cg``."""
+    from openmm_cgml.runtime import timed
 
-def export_untrained(config, num_features: int, directory: Path) -> tuple[Path, Path]:
-    torch.manual_seed(0)
-    dynamics = build_dynamics_model(config, num_features=num_features)
-    score = build_score_model(config, num_features=num_features, latent_dim=config.latent_dim)
-    export_models(dynamics, score, directory)
-    return directory / "dynamics.pt", directory / "score.pt"
-
-
-def learned_speed(paths, positions, masses, bonds, box, num_features, score: bool, min_seconds: float,
-                  langevin_steps: int | None = None) -> float:
-    """Learned simulator: simulated ns per wall-clock second."""
-    n = len(positions)
-    system = openmm.System()
-    topology = app.Topology()
-    residue = topology.addResidue("CG", topology.addChain())
-    for mass in masses:
-        system.addParticle(float(mass))
-        topology.addAtom("B", None, residue)
-    integrator = CGMLIntegrator(paths[0], paths[1] if score else None)
-    if box is not None:
-        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
-        integrator.setUsesPeriodicBoundaryConditions(True)
-    integrator.setBeadFeatures(np.random.default_rng(0).normal(size=(n, num_features)).astype(np.float32))
-    integrator.setBonds(bonds)
-    integrator.setRandomNumberSeed(1)
-    integrator.setDeterministic(True)  # untrained weights: keep the rollout finite
-    if score and langevin_steps is not None:
-        integrator.setLangevinSteps(langevin_steps)
-    simulation = app.Simulation(topology, system, integrator, openmm.Platform.getPlatformByName("CPU"))
-    simulation.context.setPositions(positions)
-    simulation.step(1)
-    steps, seconds = timed(simulation.step, min_seconds)
-    return steps * integrator.getStepSize().value_in_unit(unit.nanosecond) / seconds
+    integrator = learned.createIntegrator(cg, score=score, seed=1, langevinSteps=langevin_steps if score else None)
+    integrator.setNumThreads(threads)
+    simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName("CPU"),
+                                {"Threads": str(threads)})
+    simulation.context.setPositions(cg.positions)
+    simulation.step(3)
+    steps, wall = timed(simulation.step, seconds)
+    return steps * integrator.getStepSize().value_in_unit(unit.picosecond) / wall
 
 
-def system_case(kind: str):
-    module = get_system_module(kind)
-    spec = module.make_specs("demo", seed=0)[0]
-    built = module.build(spec)
-    config = load_config(f"{kind}-demo")
-    masses = np.array([built.system.getParticleMass(i).value_in_unit(unit.dalton)
-                       for i in range(built.system.getNumParticles())])
-    mapping = CGMapping.from_topology(built.topology, masses, config.cg_level,
-                                      small_molecules_as_beads=config.small_molecules_as_beads)
-    x = mapping.map_positions(built.positions)
-    box = None
-    if built.periodic:
+def chain_case(monomers: int):
+    from openmm_cgml.simulator import LearnedSimulator
+
+    learned = LearnedSimulator.pretrained("chain")
+    built, cg = held_out_chain(learned, monomers)
+    return learned, built, cg, f"chain, {monomers} monomers", (None, None, "as built, minimised")
+
+
+def electrolyte_case(data_dir: Path):
+    """The held-out composition at its production state (the last frame of its recorded
+    trajectory in ``data_dir``, when there) or else as packed (lower density than in
+    production, so both MD and the learned step come out faster)."""
+    from openmm_cgml.simulator import LearnedSimulator
+    from openmm_cgml.systems import electrolyte
+    from openmm_cgml.trajectories import list_trajectories, load_trajectory
+
+    learned = LearnedSimulator.pretrained("electrolyte")
+    spec = [s for s in electrolyte.make_specs("demo", seed=0, target_atoms=900) if s.split == "test"][0]
+    built = electrolyte.build(spec)
+    masses = [built.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(built.system.getNumParticles())]
+    recorded = [p for p in (list_trajectories(data_dir, split="test") if data_dir.is_dir() else [])
+                if p.name == spec.name]
+    if recorded:
+        record = load_trajectory(recorded[0])
+        positions, box, state = record.positions[-1], record.box[-1], f"last frame of {recorded[0]}"
+    else:
+        positions = built.positions.value_in_unit(unit.nanometer)
         box = np.array([[v.x, v.y, v.z] for v in built.system.getDefaultPeriodicBoxVectors()])
-        box = box if not hasattr(box[0][0], "unit") else box
-    step_ps = config.dilation * built.record_interval.value_in_unit(unit.picosecond)
-    return built, config, mapping, x, box, step_ps
+        state = "as packed (no recorded trajectory: lower density than production)"
+    cg = learned.coarseGrain(built.topology, positions, atom_types=built.atom_types, masses=masses,
+                             bond_types=built.bond_types, box=box)
+    return learned, built, cg, f"electrolyte {spec.name}", (positions, box, state)
 
 
-def main(argv=None):
+def scaling(learned, cg, sizes, seconds: float, threads: int, langevin_steps: int | None = None) -> None:
+    """Seconds per learned step against beads, random beads at ``cg``'s density."""
+    from openmm_cgml.simulator import CGSystem
+
+    per_nm3 = cg.n_beads / abs(np.linalg.det(cg.box))
+    print(f"\ntime per learned step vs beads (shipped electrolyte model and settings, random beads at "
+          f"{per_nm3:.2g} beads/nm^3)")
+    print(f"{'beads':>7} {'ms/step (no score)':>19} {'ms/step (refined)':>18} {'us/bead (no score)':>19}")
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        edge = (n / per_nm3) ** (1 / 3)
+        box = np.eye(3) * edge
+        system = openmm.System()
+        topology = app.Topology()
+        residue = topology.addResidue("CG", topology.addChain())
+        for _ in range(n):
+            system.addParticle(50.0)
+            topology.addAtom("B", None, residue)
+        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
+        topology.setPeriodicBoxVectors(box * unit.nanometer)
+        features = rng.normal(size=(n, cg.features.shape[1])).astype(np.float32)
+        bonds = np.stack([np.arange(0, n - 1, 2), np.arange(1, n, 2)], axis=1)
+        boxed = CGSystem(topology, system, rng.uniform(0, edge, (n, 3)) * unit.nanometer, None, features, bonds,
+                        True, box, learned.dilation, learned.seqLen)
+        row = []
+        for score in (False, True):
+            rate = learned_speed(learned, boxed, score, seconds, threads, langevin_steps)
+            row.append(learned.stepSize.value_in_unit(unit.picosecond) / rate * 1000)
+        print(f"{n:>7} {row[0]:>19.4g} {row[1]:>18.4g} {row[0] / n * 1000:>19.4g}")
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", nargs="+", default=["chain", "electrolyte"])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument("--systems", nargs="+", default=["chain", "electrolyte"], choices=["chain", "electrolyte"])
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing per measurement")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--monomers", type=int, default=100)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100, 1000, 10000])
+    parser.add_argument("--langevin-steps", type=int, default=None,
+                        help="Langevin steps per noise level of the refined runs (default: the model's)")
+    parser.add_argument("--data", default="data/electrolyte-pretrain",
+                        help="electrolyte data (make electrolyte-data): its held-out trajectory's last frame is timed")
     args = parser.parse_args(argv)
+
+    from openmm_cgml.generate import md_speed
+
     torch.set_num_threads(args.threads)
-    print(f"torch threads {args.threads}; OpenMM CPU platform; simulated time per wall-clock second\n")
-    print(f"{'system':<12} {'atoms':>6} {'beads':>6} {'MD ns/s':>10} {'learned ns/s':>13} {'no-score ns/s':>14} "
-          f"{'ratio':>9} {'ratio (no score)':>17}")
-    density = None
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind in args.systems:
-            built, config, mapping, x, box, step_ps = system_case(kind)
-            model_config = config.model_config(step_size_ps=step_ps)
-            paths = export_untrained(model_config, model_config.num_features, Path(tmp) / kind)
-            md = md_speed(built, min_seconds=args.seconds) / 1000.0  # ns per second
-            full = learned_speed(paths, x, mapping.bead_masses, mapping.cg_bonds, box, model_config.num_features,
-                                 True, args.seconds)
-            bare = learned_speed(paths, x, mapping.bead_masses, mapping.cg_bonds, box, model_config.num_features,
-                                 False, args.seconds)
-            print(f"{kind:<12} {mapping.n_atoms:>6} {mapping.n_beads:>6} {md:>10.3g} {full:>13.3g} {bare:>14.3g} "
-                  f"{full / md:>9.3g} {bare / md:>17.3g}")
-            if box is not None:
-                density = (mapping.n_beads / abs(np.linalg.det(box)), config, paths, model_config, step_ps)
-        if density is None:
-            return
-        per_nm3, config, paths, model_config, step_ps = density
-        levels = model_config.score_levels
-        print(f"\ntime per learned step vs beads (electrolyte demo model, {per_nm3:.2g} beads/nm^3); "
-              f"refinement timed with K=1 x {levels} levels (the preset uses K={model_config.langevin_steps})")
-        print(f"{'beads':>7} {'s/step (no score)':>18} {'s/step (K=1)':>13} {'s per score call':>17}")
-        rng = np.random.default_rng(0)
-        for n in args.sizes:
-            edge = (n / per_nm3) ** (1 / 3)
-            positions = rng.uniform(0, edge, (n, 3))
-            bonds = np.stack([np.arange(0, n - 1, 2), np.arange(1, n, 2)], axis=1)
-            row = []
-            for score in (False, True):
-                ns_per_s = learned_speed(paths, positions, np.full(n, 50.0), bonds, np.eye(3) * edge,
-                                         model_config.num_features, score, args.seconds, langevin_steps=1)
-                row.append(step_ps / 1000 / ns_per_s)
-            print(f"{n:>7} {row[0]:>18.4g} {row[1]:>13.4g} {(row[1] - row[0]) / levels:>17.4g}")
+    print(f"{args.threads} thread(s) for MD (OpenMM CPU platform) and for the learned simulator; "
+          "simulated ps per wall-clock second\n")
+    print(f"{'system':<44} {'atoms':>6} {'beads':>6} {'MD ps/s':>9} {'refined ps/s':>13} {'no-score ps/s':>14} "
+          f"{'refined/MD':>11} {'no-score/MD':>12}")
+    summary, states, electrolyte = [], [], None
+    for kind in args.systems:
+        learned, built, cg, label, (positions, box, state) = (
+            chain_case(args.monomers) if kind == "chain" else electrolyte_case(Path(args.data)))
+        states.append(f"{kind}: {state}")
+        md = md_speed(built, positions, box, threads=args.threads, min_seconds=args.seconds)
+        bare = learned_speed(learned, cg, False, args.seconds, args.threads)
+        refined = (learned_speed(learned, cg, True, args.seconds, args.threads, args.langevin_steps)
+                   if learned.scorePath else None)
+        print(f"{label:<44} {built.system.getNumParticles():>6} {cg.n_beads:>6} {md:>9.3g} "
+              f"{refined if refined else float('nan'):>13.3g} {bare:>14.3g} "
+              f"{(refined / md) if refined else float('nan'):>11.3g} {bare / md:>12.3g}")
+        summary.append(f"{kind} {bare / md:.0f}x MD (refined: "
+                       + (f"{refined / md:.0f}x)" if refined else "no score model)"))
+        if kind == "electrolyte":
+            electrolyte = (learned, cg)
+    print("states timed: " + "; ".join(states))
+    if electrolyte and args.sizes:
+        scaling(*electrolyte, args.sizes, args.seconds, args.threads, args.langevin_steps)
+    print("speed: " + ", ".join(summary))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
