@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -223,61 +222,44 @@ def run_checkpoint(run_dir: str | os.PathLike, last: bool = False) -> Path:
     return best if best.is_file() and not last else directory / "last.pt"
 
 
-LANGEVIN_SCHEDULES = ("constant", "ncsn")
-
-
-def set_langevin_defaults(score, ckpt: dict[str, Any], steps: int | None = None, step_size: float | None = None,
-                          schedule: str | None = None, levels: int | None = None) -> None:
-    """Replace the score model's Langevin defaults (what the integrator starts from) and
-    record them in the checkpoint's model config. They are inference settings: training
-    does not depend on them, so they may be chosen after training by rollouts
-    (``benchmarks/refinement_scan.py``). ``levels``: anneal over only the ``levels``
-    smallest noise levels of the trained ladder (the network still reads each sigma
-    standardised over the trained ladder, so its input is what it was trained on)."""
-    if steps is None and step_size is None and schedule is None and levels is None:
-        return
-    if score is None:
-        raise ValueError("the checkpoint has no score model: Langevin settings do not apply")
-    if levels is not None:
-        total = int(score.sigmas.numel())
-        if isinstance(levels, bool) or int(levels) != levels or not 1 <= levels <= total:
-            raise ValueError(f"Langevin levels must be an integer from 1 to the ladder's {total}, got {levels!r}")
-        score.sigmas = score.sigmas[total - int(levels):].clone()
-    if steps is not None:
-        if isinstance(steps, bool) or int(steps) != steps or steps < 0:
-            raise ValueError(f"Langevin steps must be an integer >= 0, got {steps!r}")
-        score.langevin_steps = int(steps)
-    if step_size is not None:
-        if not math.isfinite(step_size) or step_size <= 0:
-            raise ValueError(f"the Langevin step size must be a positive number (nm^2), got {step_size!r}")
-        score.langevin_step_size = float(step_size)
-    if schedule is not None:
-        if schedule not in LANGEVIN_SCHEDULES:
-            raise ValueError(f"unknown Langevin schedule {schedule!r}; choose one of {', '.join(LANGEVIN_SCHEDULES)}")
-        score.langevin_schedule = schedule
-    config = ckpt["model_config"] = dict(ckpt["model_config"])
-    config.update(langevin_steps=score.langevin_steps, langevin_step_size=score.langevin_step_size,
-                  langevin_schedule=score.langevin_schedule)
-    # a shortened ladder is recorded by the manifest's sigmas_nm; model_config keeps the
-    # trained ladder (score_sigma_max/min, score_levels), which the network's sigma
-    # standardisation refers to
+def keep_smallest_levels(score, levels: int) -> None:
+    """Anneal over only the ``levels`` smallest noise levels of the score model's trained
+    ladder. The network still reads each sigma standardised over the trained ladder, so
+    its input is what it was trained on; the manifest's ``sigmas_nm`` records the ladder
+    used, ``model_config`` keeps the trained one."""
+    total = int(score.sigmas.numel())
+    if isinstance(levels, bool) or int(levels) != levels or not 1 <= levels <= total:
+        raise ValueError(f"Langevin levels must be an integer from 1 to the ladder's {total}, got {levels!r}")
+    score.sigmas = score.sigmas[total - int(levels):].clone()
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, verify: bool = True,
                       last: bool = False, langevin_steps: int | None = None,
                       langevin_step_size: float | None = None, langevin_schedule: str | None = None,
                       langevin_levels: int | None = None) -> Path:
-    """Export a training checkpoint file, or a run directory's (``run_checkpoint``);
-    ``langevin_*`` replace the trained score model's Langevin defaults
-    (:func:`set_langevin_defaults`)."""
+    """Export a training checkpoint file, or a run directory's (``run_checkpoint``).
+
+    ``langevin_steps`` / ``langevin_step_size`` / ``langevin_schedule`` replace the score
+    model's Langevin defaults (what the integrator starts from) in the model config the
+    models are built from, which checks them; ``langevin_levels`` keeps only the smallest
+    noise levels (:func:`keep_smallest_levels`). They are inference settings: training
+    does not use them, so they may be chosen after training by rollouts
+    (``benchmarks/refinement_scan.py``)."""
     from openmm_cgml.training.checkpoint import build_models_from_checkpoint, load_checkpoint
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         checkpoint = run_checkpoint(checkpoint, last)
     ckpt = load_checkpoint(checkpoint)
+    overrides = {key: value for key, value in (("langevin_steps", langevin_steps),
+                                               ("langevin_step_size", langevin_step_size),
+                                               ("langevin_schedule", langevin_schedule)) if value is not None}
+    if (overrides or langevin_levels is not None) and ckpt["score"] is None:
+        raise ValueError("the checkpoint has no score model: Langevin settings do not apply")
+    ckpt["model_config"] = {**ckpt["model_config"], **overrides}
     net = build_models_from_checkpoint(ckpt)
-    set_langevin_defaults(net.score, ckpt, langevin_steps, langevin_step_size, langevin_schedule, langevin_levels)
+    if langevin_levels is not None:
+        keep_smallest_levels(net.score, langevin_levels)
     return export_simulator(net.embedding, net.dynamics, net.score, ckpt, out_dir, verify=verify,
                             property_head=net.property)
 
@@ -314,8 +296,8 @@ def add_cli(subparsers) -> None:
                         help="Langevin steps per noise level the integrator starts from (default: as trained)")
     parser.add_argument("--langevin-step-size", type=float, default=None,
                         help="Langevin step size eps, nm^2 (default: as trained)")
-    parser.add_argument("--langevin-schedule", default=None, choices=LANGEVIN_SCHEDULES,
-                        help="step size over the noise ladder (default: as trained)")
+    parser.add_argument("--langevin-schedule", default=None,
+                        help="step size over the noise ladder, constant or ncsn (default: as trained)")
     parser.add_argument("--langevin-levels", type=int, default=None,
                         help="anneal over only this many of the smallest noise levels (default: the whole ladder)")
     parser.set_defaults(func=_run_export)

@@ -192,8 +192,9 @@ def test_export_sets_langevin_defaults(trained, chain_data_dir, tmp_path, capsys
     inputs = (torch.randn(n, 3), torch.randn(n, latent_dim), torch.zeros(3, 3),
               torch.randn(n, full_ladder.num_features), torch.zeros(0, 2, dtype=torch.long), full_ladder.sigmas[-1])
     torch.testing.assert_close(cut(*inputs), full_ladder(*inputs))
-    for bad, message in ((["--langevin-steps", "-1"], "integer >= 0"),
-                         (["--langevin-step-size", "0"], "positive number"),
+    for bad, message in ((["--langevin-steps", "-1"], "model.langevin_steps: must be >= 0"),
+                         (["--langevin-step-size", "0"], "model.langevin_step_size: must be a positive finite number"),
+                         (["--langevin-schedule", "linear"], "model.langevin_schedule: must be 'constant' or 'ncsn'"),
                          (["--langevin-levels", "0"], "integer from 1 to the ladder's")):
         assert cgml_main(["export", str(checkpoint), "-o", str(tmp_path / "bad")] + bad) == 2
         assert message in capsys.readouterr().err
