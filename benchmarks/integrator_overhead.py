@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,9 @@ from openmm import app
 
 from openmm_cgml import CGMLIntegrator
 from openmm_cgml.models import ModelConfig, build_dynamics_model, build_score_model, export_models
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bead_box import bead_box  # noqa: E402
 
 
 def export(directory: Path, config: ModelConfig) -> tuple[Path, Path]:
@@ -44,15 +48,7 @@ def make_case(n: int, density: float, seq_len: int, features: int, seed: int = 0
 
 
 def run_integrator(paths, edge, history, bonds, feats, steps, langevin_steps):
-    n = history.shape[1]
-    system = openmm.System()
-    topology = app.Topology()
-    residue = topology.addResidue("CG", topology.addChain())
-    for _ in range(n):
-        system.addParticle(10.0)
-        topology.addAtom("B", None, residue)
-    vectors = [openmm.Vec3(edge, 0, 0), openmm.Vec3(0, edge, 0), openmm.Vec3(0, 0, edge)]
-    system.setDefaultPeriodicBoxVectors(*vectors)
+    topology, system = bead_box(history.shape[1], edge, 10.0)
     integrator = CGMLIntegrator(*paths)
     integrator.setUsesPeriodicBoundaryConditions(True)
     integrator.setLangevinSteps(langevin_steps)

@@ -34,6 +34,7 @@ import torch
 from openmm import app, unit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bead_box import bead_box  # noqa: E402
 from held_out_chain import held_out_chain  # noqa: E402
 
 
@@ -97,14 +98,7 @@ def scaling(learned, cg, sizes, seconds: float, threads: int, langevin_steps: in
     for n in sizes:
         edge = (n / per_nm3) ** (1 / 3)
         box = np.eye(3) * edge
-        system = openmm.System()
-        topology = app.Topology()
-        residue = topology.addResidue("CG", topology.addChain())
-        for _ in range(n):
-            system.addParticle(50.0)
-            topology.addAtom("B", None, residue)
-        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
-        topology.setPeriodicBoxVectors(box * unit.nanometer)
+        topology, system = bead_box(n, edge, 50.0)
         features = rng.normal(size=(n, cg.features.shape[1])).astype(np.float32)
         bonds = np.stack([np.arange(0, n - 1, 2), np.arange(1, n, 2)], axis=1)
         boxed = CGSystem(topology, system, rng.uniform(0, edge, (n, 3)) * unit.nanometer, None, features, bonds,

@@ -9,6 +9,16 @@ from openmm import app, unit
 from openmm_cgml.simulator import PRETRAINED_DIR, LearnedSimulator
 
 
+def step_frames(simulation, steps: int) -> np.ndarray:
+    """[steps, N, 3] nm: the positions after each of ``steps`` single steps."""
+    frames = []
+    for _ in range(steps):
+        simulation.step(1)
+        frames.append(simulation.context.getState(getPositions=True).getPositions(asNumpy=True)
+                      .value_in_unit(unit.nanometer))
+    return np.asarray(frames)
+
+
 def test_the_chain_model_is_shipped_small_and_documented():
     assert "chain" in LearnedSimulator.available_pretrained()
     directory = PRETRAINED_DIR / "chain"
@@ -36,12 +46,7 @@ def test_the_chain_model_runs_an_unseen_chain_within_its_distance_limits():
     assert integrator.getBondLengthLimit().value_in_unit(unit.nanometer) == pytest.approx(limit)
     simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName("CPU"))
     simulation.context.setPositions(cg.positions)
-    frames = []
-    for _ in range(40):
-        simulation.step(1)
-        frames.append(simulation.context.getState(getPositions=True).getPositions(asNumpy=True)
-                      .value_in_unit(unit.nanometer))
-    x = np.asarray(frames)
+    x = step_frames(simulation, 40)
     assert np.isfinite(x).all()
     bonds = np.asarray(cg.bonds)
     # resolved pair by pair in up to 20 sweeps: a hair of residual is allowed (see the
@@ -87,12 +92,7 @@ def test_the_electrolyte_model_runs_an_unseen_composition_with_refinement():
     assert integrator.hasScoreModel() and integrator.getUsesPeriodicBoundaryConditions()
     simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName("CPU"))
     simulation.context.setPositions(cg.positions)  # no history: the first step starts from rest
-    frames = []
-    for _ in range(8):
-        simulation.step(1)
-        frames.append(simulation.context.getState(getPositions=True).getPositions(asNumpy=True)
-                      .value_in_unit(unit.nanometer))
-    x = np.asarray(frames)
+    x = step_frames(simulation, 8)
     assert np.isfinite(x).all()
     exclusion = learned.manifest["exclusion_distance_nm"]
     assert exclusion > 0
