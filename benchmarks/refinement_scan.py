@@ -35,13 +35,6 @@ import numpy as np
 import torch
 
 
-def first_peaks(obs) -> dict:
-    from openmm_cgml import analysis
-
-    peaks = {f"{a}-{b}": analysis.rdf_first_peak(*curve) for (a, b), curve in obs.rdfs.items()}
-    return {k: v for k, v in peaks.items() if v is not None}
-
-
 def msd_at(result, lag_ps: float) -> float:
     return float(np.interp(lag_ps, result.lag_times, result.msd))
 
@@ -49,7 +42,7 @@ def msd_at(result, lag_ps: float) -> float:
 def score_run(obs, ref_obs, ref_peaks, lag_ps) -> dict:
     from openmm_cgml import analysis
 
-    errors = list(analysis.rdf_peak_errors(ref_peaks, first_peaks(obs)).values())
+    errors = list(analysis.rdf_peak_errors(ref_peaks, obs.rdf_first_peaks()).values())
     shift = max(e[0] for e in errors) if errors else float("nan")
     height = float(np.mean([e[1] for e in errors])) if errors else float("nan")
     ratios = {s: msd_at(obs.msd[s], lag_ps) / msd_at(ref_obs.msd[s], lag_ps) for s in ref_obs.msd if s in obs.msd}
@@ -121,7 +114,7 @@ def main(argv=None) -> int:
                                    True, pairs)
 
     ref_obs = observe("reference MD", reference)
-    ref_peaks = first_peaks(ref_obs)
+    ref_peaks = ref_obs.rdf_first_peaks()
     short = reference[: int(round(train_ps / step_ps)) + 1]
     print(f"{record.name}: {mapping.n_beads} beads, step {step_ps:g} ps, reference {(len(reference) - 1) * step_ps:g} ps,"
           f" rollouts {args.steps} steps ({args.steps * step_ps / 1000:g} ns = "

@@ -99,6 +99,11 @@ class Observables:
     msd: dict = field(default_factory=dict)
     diffusion: dict = field(default_factory=dict)
 
+    def rdf_first_peaks(self) -> dict[str, tuple[float, float]]:
+        """{"A-B": (position nm, height)} of each RDF's first peak, for the RDFs that have one."""
+        peaks = {f"{a}-{b}": analysis.rdf_first_peak(*curve) for (a, b), curve in self.rdfs.items()}
+        return {pair: peak for pair, peak in peaks.items() if peak is not None}
+
 
 def compute_observables(run: CGRun, masses: np.ndarray, groups: list[np.ndarray], species: np.ndarray,
                         bonds: np.ndarray, collision_threshold: float, periodic: bool,
@@ -264,9 +269,9 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
         entry["collision_rate_mean"] = float(np.mean(obs.collision)) if len(obs.collision) else None
         if obs.diffusion:
             entry["diffusivity_nm2_per_ps"] = {k: [v.D, v.D_err] for k, v in obs.diffusion.items()}
-        peaks = {f"{a}-{b}": analysis.rdf_first_peak(*curve) for (a, b), curve in obs.rdfs.items()}
-        if any(v is not None for v in peaks.values()):
-            entry["rdf_first_peak_nm_height"] = {k: list(v) for k, v in peaks.items() if v is not None}
+        peaks = obs.rdf_first_peaks()
+        if peaks:
+            entry["rdf_first_peak_nm_height"] = {k: list(v) for k, v in peaks.items()}
         metrics["runs"][run.label] = entry
     if sl_prediction is not None:
         metrics["runs"]["SL GNN"] = {"rg2_mean": sl_prediction}
