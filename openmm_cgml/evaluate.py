@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -136,6 +137,103 @@ def compute_observables(run: CGRun, masses: np.ndarray, groups: list[np.ndarray]
     return obs
 
 
+def pool_observables(observations: Sequence[Observables], dt_ps: float) -> Observables:
+    """One set of observables from independent replicas of a run.
+
+    Distributions pool every replica's frames (Rg^2 series concatenated; its mean over
+    all frames, its error the standard error of the replica means). Quantities over lag
+    or time (Rg^2 autocorrelation, collisions per frame, MSD) average the replicas that
+    ran the whole rollout (a replica that failed early has fewer frames; its failure is
+    reported); RDFs average g(r) on the shared bins; diffusivities are fitted to the
+    averaged MSD, with the per-bead slopes of every replica as independent units."""
+    observations = list(observations)
+    if len(observations) == 1:
+        return observations[0]
+    longest = max(len(o.collision) for o in observations)
+    full = [o for o in observations if len(o.collision) == longest]
+    out = Observables()
+    series = [o.rg2 for o in observations if o.rg2 is not None]
+    if series:
+        out.rg2 = np.concatenate(series)
+        out.rg2_mean = float(out.rg2.mean())
+        means = np.array([s.mean() for s in series])
+        out.rg2_sem = float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else None
+        acfs = [o.acf for o in full if o.acf is not None]
+        if acfs:
+            out.acf = np.mean([a[: min(map(len, acfs))] for a in acfs], axis=0)
+            out.acf_time = np.arange(len(out.acf)) * dt_ps
+            out.relaxation = analysis.relaxation_time(out.acf, dt_ps)
+    out.collision = np.mean([o.collision for o in full], axis=0)
+    for pair in full[0].rdfs:
+        curves = [o.rdfs[pair] for o in full if pair in o.rdfs]
+        out.rdfs[pair] = (curves[0][0], np.mean([g for _, g in curves], axis=0))
+    for name in full[0].msd:
+        results = [o.msd[name] for o in full if name in o.msd]
+        first = results[0]
+        out.msd[name] = analysis.MSDResult(first.lag_times, np.mean([r.msd for r in results], axis=0),
+                                           np.concatenate([r.per_unit_slope for r in results]), first.fit_window)
+        out.diffusion[name] = analysis.fit_diffusion(out.msd[name])
+    return out
+
+
+def start_histories(reference: np.ndarray, seq_len: int, dilation: int, replicas: int) -> np.ndarray:
+    """[K, seq_len, N, 3] start histories for K replicas: windows of ``seq_len`` frames
+    ``dilation`` recorded frames apart, their starts evenly spaced over ``reference``
+    [F, N, 3] (the first at frame 0)."""
+    span = (seq_len - 1) * dilation + 1
+    available = len(reference) - span + 1
+    if not 1 <= replicas <= max(available, 0):
+        raise ValueError(f"{replicas} replicas need {replicas} distinct start windows of {span} recorded frames, "
+                         f"but the reference has {len(reference)} frames ({max(available, 0)} windows)")
+    starts = analysis.evenly_spaced(available, replicas)
+    return np.stack([reference[s: s + span: dilation] for s in starts]).astype(np.float64)
+
+
+def learned_rollouts(learned, cg, histories: np.ndarray, n_steps: int, *, label: str, seed: int,
+                     progress: bool, dcd_stem: Path | None = None,
+                     **options) -> tuple[list[CGRun], float, list[str]]:
+    """Rollouts of ``learned`` from each of the [K, T, N, 3] ``histories``: one rollout for
+    K = 1; K replicas advanced together in one integrator call for a non-periodic system
+    (``LearnedSimulator.rollout_replicas``); K rollouts one after another (seeds seed,
+    seed + 1, ...) for a periodic one, whose box holds one copy. ``dcd_stem``: write each
+    rollout to ``<stem>.dcd`` (K = 1) or ``<stem>_replica<r>.dcd``. Returns the runs, the
+    wall time of them all (s) and the warnings the rollouts raised (also re-raised)."""
+    k = len(histories)
+    notes: list[str] = []
+    if k == 1:
+        reporters = [app.DCDReporter(f"{dcd_stem}.dcd", 1, enforcePeriodicBox=False)] if dcd_stem else []
+        run = learned.rollout(cg, histories[0], n_steps, seed=seed, label=label, progress=progress,
+                              reporters=reporters, **options)
+        return [run], run.wall_seconds, notes
+    if cg.periodic:
+        runs = [learned.rollout(cg, h, n_steps, seed=seed + r, label=f"{label} replica {r}", progress=progress,
+                                **options) for r, h in enumerate(histories)]
+        wall = float(sum(r.wall_seconds for r in runs))
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs = learned.rollout_replicas(cg, histories, n_steps, seed=seed, progress=progress, **options)
+        for warning in caught:  # e.g. replicas that drifted within a cutoff: said again, and reported
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            notes.append(str(warning.message))
+        wall = float(runs[0].wall_seconds)
+    if dcd_stem:
+        for r, run in enumerate(runs):
+            write_dcd(Path(f"{dcd_stem}_replica{r}.dcd"), cg.topology, run)
+    return runs, wall, notes
+
+
+def write_dcd(path: Path, topology, run: CGRun) -> None:
+    """``run``'s frames (unwrapped, nm) as a DCD file, one frame per model step."""
+    from openmm import unit
+
+    box = None if run.box is None else np.asarray(run.box) * unit.nanometer
+    with open(path, "wb") as handle:
+        dcd = app.DCDFile(handle, topology, run.dt_ps * unit.picosecond)
+        for frame in run.positions:
+            dcd.writeModel(frame.astype(np.float64) * unit.nanometer, periodicBoxVectors=box)
+
+
 # --------------------------------------------------------------------------- evaluation
 def training_length_ps(data_dir: Path) -> float:
     """Longest training trajectory (the "short MD" length), ps."""
@@ -169,11 +267,16 @@ def _js(a, b):
 
 def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: float, rollout_factor: float,
                     out_dir: Path, *, seed: int = 1, progress: bool = True, sl_prediction: float | None = None,
-                    ablation_model: str | None = None, measure_md: bool = True, cg=None) -> dict:
+                    ablation_model: str | None = None, measure_md: bool = True, cg=None,
+                    replicas: int = 1) -> dict:
     """Evaluate every model on one held-out system; write its plots; return its metrics.
     ``cg``: the system coarse-grained by the first model, if already computed. Every
     model runs on its own coarse-graining (its embedding GNN makes its bead features);
-    the models must share the CG mapping, which the observables are computed on."""
+    the models must share the CG mapping, which the observables are computed on.
+    ``replicas``: K rollouts per learned run, from K start windows evenly spaced over
+    the reference (:func:`learned_rollouts`), their observables pooled
+    (:func:`pool_observables`)."""
+    check_replicas(replicas)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(models.values()))
     cg = first.coarseGrain(record) if cg is None else cg
@@ -203,45 +306,47 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
     short_ref = CGRun("short MD", reference[::dilation][:short_frames], step_ps, box)
     threshold = analysis.collision_threshold(long_ref.positions, boxes=box, bonds=bonds)
     n_steps = int(math.ceil(rollout_factor * train_ps / step_ps))
-    start_frames = reference[: (seq_len - 1) * dilation + 1 : dilation].astype(np.float64)
+    histories = start_histories(reference, seq_len, dilation, replicas)
 
-    runs = [long_ref, short_ref]
+    runs = {long_ref.label: [long_ref], short_ref.label: [short_ref]}  # label -> its replicas
+    wall = {}  # label -> wall seconds of all its replicas
+    notes = {}  # label -> warnings its rollouts raised
     model_of_run = {}  # run label -> the label of the model that made it
     for label, learned in models.items():
         own = cg_of[label]
-        dcd = app.DCDReporter(str(out_dir / f"{label.replace(' ', '_')}.dcd"), 1, enforcePeriodicBox=False)
-        runs.append(learned.rollout(own, start_frames, n_steps, seed=seed, label=label, progress=progress,
-                                    reporters=[dcd]))
-        model_of_run[label] = label
+        variants = [(label, {})]
         if label == ablation_model and learned.scorePath is not None:
-            runs.append(learned.rollout(own, start_frames, n_steps, score=False, seed=seed,
-                                        label=f"{label} (no score)", progress=progress))
-            model_of_run[f"{label} (no score)"] = label
+            variants.append((f"{label} (no score)", {"score": False}))
         if label == ablation_model and (learned.manifest.get("exclusion_distance_nm", 0.0) > 0
                                         or learned.manifest.get("bond_length_limit_nm", 0.0) > 0):
             plain = f"{label} (no score, no limits)" if learned.scorePath is not None else f"{label} (no limits)"
-            runs.append(learned.rollout(own, start_frames, n_steps, score=False, seed=seed, label=plain,
-                                        progress=progress, limits=False))
-            model_of_run[plain] = label
+            variants.append((plain, {"score": False, "limits": False}))
+        for run_label, options in variants:
+            stem = out_dir / label.replace(" ", "_") if run_label == label else None
+            runs[run_label], wall[run_label], notes[run_label] = learned_rollouts(learned, own, histories, n_steps, label=run_label,
+                                                                 seed=seed, progress=progress, dcd_stem=stem,
+                                                                 **options)
+            model_of_run[run_label] = label
     # fine-level Rg^2: true (atoms) for the MD runs, the property head's for learned runs
     fine_ref = fine_rg2_series(record.positions[::dilation], mapping)
     fine = {}
     if fine_ref is not None:
         fine[long_ref.label] = fine_ref
         fine[short_ref.label] = fine_ref[:short_frames]
-        for run in runs[2:]:
-            label = model_of_run[run.label]
-            predicted = predicted_fine_rg2_series(models[label], cg_of[label], run.positions)
-            if predicted is not None:
-                fine[run.label] = predicted
+        for run_label, label in model_of_run.items():
+            predicted = [predicted_fine_rg2_series(models[label], cg_of[label], r.positions) for r in runs[run_label]]
+            if all(p is not None for p in predicted):
+                fine[run_label] = np.concatenate(predicted)
     max_lag = max(2, int(len(long_ref.positions) // 2))
-    results = {run.label: compute_observables(run, masses, groups, species, bonds, threshold, periodic,
-                                              rdf_pairs, max_acf_lag=max_lag) for run in runs}
+    results = {label: pool_observables([compute_observables(r, masses, groups, species, bonds, threshold, periodic,
+                                                            rdf_pairs, max_acf_lag=max_lag) for r in replica_runs],
+                                       step_ps)
+               for label, replica_runs in runs.items()}
 
     metrics: dict[str, Any] = {
         "system": record.name, "n_beads": int(mapping.n_beads), "n_atoms": int(mapping.n_atoms),
         "step_ps": step_ps, "reference_ps": long_ref.duration_ps, "training_ps": train_ps,
-        "rollout_steps": n_steps, "collision_threshold_nm": threshold, "runs": {},
+        "rollout_steps": n_steps, "replicas": replicas, "collision_threshold_nm": threshold, "runs": {},
     }
     if fine_ref is not None:
         head_on_reference = {label: predicted_fine_rg2_series(learned, cg_of[label], long_ref.positions)
@@ -249,22 +354,32 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
         metrics["fine_rg2_head_on_reference"] = {label: float(np.mean(v)) for label, v in head_on_reference.items()
                                                  if v is not None}
     ref_obs = results["reference MD"]
-    for run in runs:
-        obs = results[run.label]
-        entry: dict[str, Any] = {"duration_ps": run.duration_ps, "frames": int(len(run.positions))}
-        if run.wall_seconds:
-            entry["wall_seconds"] = run.wall_seconds
-            entry["simulated_ns_per_day"] = run.duration_ps / 1000 / run.wall_seconds * 86400
-            entry["steps_per_second"] = (len(run.positions) - 1) / run.wall_seconds
-        if run.failure:
-            entry["failed_at_step"], entry["failure"] = run.failed_at_step, run.failure
+    for label, replica_runs in runs.items():
+        obs = results[label]
+        run = replica_runs[0]
+        entry: dict[str, Any] = {"duration_ps": max(r.duration_ps for r in replica_runs),
+                                 "frames": int(max(len(r.positions) for r in replica_runs))}
+        if label in wall:
+            entry["replicas"] = len(replica_runs)
+        if wall.get(label):
+            # throughput of all replicas together
+            simulated_ps = sum(r.duration_ps for r in replica_runs)
+            entry["wall_seconds"] = wall[label]
+            entry["simulated_ns_per_day"] = simulated_ps / 1000 / wall[label] * 86400
+            entry["steps_per_second"] = sum(len(r.positions) - 1 for r in replica_runs) / wall[label]
+        failed = [r for r in replica_runs if r.failure]
+        if failed:
+            entry["failed_at_step"], entry["failure"] = failed[0].failed_at_step, failed[0].failure
+            entry["failed_replicas"] = len(failed)
+        if notes.get(label):
+            entry["warnings"] = notes[label]
         if obs.rg2 is not None:
             entry["rg2_mean"], entry["rg2_sem"] = obs.rg2_mean, obs.rg2_sem
             entry["rg2_js_vs_reference"] = _js(ref_obs.rg2, obs.rg2) if run is not long_ref else 0.0
             entry["relaxation_ps_integral"] = obs.relaxation.tau_integral
             entry["relaxation_ps_exp"] = obs.relaxation.tau_exp
-        if run.label in fine:
-            entry["fine_rg2_mean"] = float(np.mean(fine[run.label]))
+        if label in fine:
+            entry["fine_rg2_mean"] = float(np.mean(fine[label]))
             entry["fine_rg2_source"] = "atoms" if run is long_ref or run is short_ref else "property head"
         entry["collision_rate_mean"] = float(np.mean(obs.collision)) if len(obs.collision) else None
         if obs.diffusion:
@@ -272,13 +387,17 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
         peaks = obs.rdf_first_peaks()
         if peaks:
             entry["rdf_first_peak_nm_height"] = {k: list(v) for k, v in peaks.items()}
-        metrics["runs"][run.label] = entry
+        metrics["runs"][label] = entry
     if sl_prediction is not None:
         metrics["runs"]["SL GNN"] = {"rg2_mean": sl_prediction}
     if measure_md:
         metrics["md_ns_per_day"] = md_speed_ns_per_day(record)
 
-    _plot_system(record.name, runs, results, out_dir, periodic, masses, groups)
+    # the plots see one run per label: its replicas' frames one after another (the
+    # frame-wise panels use the pooled observables)
+    merged = [rs[0] if len(rs) == 1 else CGRun(label, np.concatenate([r.positions for r in rs]), step_ps, box)
+              for label, rs in runs.items()]
+    _plot_system(record.name, merged, results, out_dir, periodic, masses, groups)
     return metrics
 
 
@@ -413,7 +532,10 @@ def write_report(all_metrics: list[dict], out_dir: Path, context: dict) -> Path:
         lines += [f"### {m['system']}", "",
                   f"{m['n_atoms']} atoms -> {m['n_beads']} beads; learned step {m['step_ps']:g} ps; "
                   f"reference {m['reference_ps']:g} ps; training trajectories {m['training_ps']:g} ps; "
-                  f"rollouts {m['rollout_steps']} steps ({m['rollout_steps'] * m['step_ps']:g} ps).", "",
+                  f"rollouts {m['rollout_steps']} steps ({m['rollout_steps'] * m['step_ps']:g} ps)"
+                  + (f", {m['replicas']} replicas each from start windows evenly spaced over the reference "
+                     "(observables pooled; speed counts all replicas)" if m.get("replicas", 1) > 1 else "")
+                  + ".", "",
                   "| run | duration (ps) | <Rg²> (nm²) | ± | relaxation (ps) | JS vs ref | collisions/bead | speed (ns/day) "
                   "| fine <Rg²> (nm²) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -424,6 +546,8 @@ def write_report(all_metrics: list[dict], out_dir: Path, context: dict) -> Path:
                          f"{_fmt(r.get('simulated_ns_per_day'))} | {_fmt(r.get('fine_rg2_mean'))} |")
             if r.get("failure"):
                 lines.append(f"|  | failed at step {r['failed_at_step']}: {r['failure'][:120]} | | | | | | | |")
+            for note in r.get("warnings", []):
+                lines.append(f"|  | warning: {note[:160]} | | | | | | | |")
         if m.get("fine_rg2_head_on_reference"):
             ref_fine = m["runs"].get("reference MD", {}).get("fine_rg2_mean")
             parts = [f"{label} {_fmt(v)} nm²" for label, v in m["fine_rg2_head_on_reference"].items()]
@@ -446,10 +570,13 @@ def write_report(all_metrics: list[dict], out_dir: Path, context: dict) -> Path:
 # ----------------------------------------------------------------------------- driver
 def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.PathLike,
                    out_dir: str | os.PathLike, *, rollout_factor: float = 10.0, seed: int = 1,
-                   sl_baseline: bool = True, progress: bool = True, measure_md: bool = True) -> Path:
-    """Evaluate the models on every held-out (split="test") system of ``data_dir``."""
+                   sl_baseline: bool = True, progress: bool = True, measure_md: bool = True,
+                   replicas: int = 1) -> Path:
+    """Evaluate the models on every held-out (split="test") system of ``data_dir``;
+    ``replicas``: rollouts per learned run (see :func:`evaluate_system`)."""
     check_rollout_factor(rollout_factor)
     check_seed(seed)
+    check_replicas(replicas)
     if not model_dirs:
         raise ValueError("no model to evaluate: give at least one exported model directory")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -476,9 +603,10 @@ def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.
                 prediction = None
         all_metrics.append(evaluate_system(record, models, train_ps, rollout_factor, out_dir / record.name,
                                            seed=seed, progress=progress, sl_prediction=prediction,
-                                           ablation_model=next(iter(models)), measure_md=measure_md, cg=cg))
+                                           ablation_model=next(iter(models)), measure_md=measure_md, cg=cg,
+                                           replicas=replicas))
     context = {"data": str(data_dir), "models": {k: str(v) for k, v in model_dirs.items()},
-               "rollout_factor": rollout_factor, "training_trajectory_ps": train_ps,
+               "rollout_factor": rollout_factor, "replicas": replicas, "training_trajectory_ps": train_ps,
                "held_out_systems": len(all_metrics)}
     return write_report(all_metrics, out_dir, context)
 
@@ -489,6 +617,13 @@ def check_rollout_factor(value) -> float:
         raise ValueError(f"rollout factor must be a positive number (rollout length in units of the "
                          f"training-trajectory length), got {value!r}")
     return float(value)
+
+
+def check_replicas(value) -> int:
+    """The number of replicas per learned run: an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"replicas must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def check_seed(value) -> int:
@@ -545,7 +680,7 @@ def _run_evaluate(args) -> int:
         models[label] = path
     report = run_evaluation(models, args.data, args.out, rollout_factor=args.rollout_factor, seed=args.seed,
                             sl_baseline=not args.no_sl, progress=not args.no_progress,
-                            measure_md=not args.no_md_timing)
+                            measure_md=not args.no_md_timing, replicas=args.replicas)
     print(f"report: {report}")
     return 0
 
@@ -560,6 +695,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--rollout-factor", type=float, default=10.0,
                    help="learned rollout length in units of the training-trajectory length (default 10)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=1,
+                   help="rollouts per learned run, from start windows evenly spaced over the reference; "
+                        "advanced together in one integrator call for non-periodic systems (default 1)")
     p.add_argument("--no-sl", action="store_true", help="skip the supervised GNN baseline")
     p.add_argument("--no-md-timing", action="store_true", help="skip timing the reference MD")
     p.add_argument("--no-progress", action="store_true")

@@ -161,6 +161,14 @@ def test_evaluate_refuses_a_negative_seed(capsys, exported_tiny_model, chain_dat
     assert_error(code, err, "evaluate", "seed must be an integer in [0, 2147483647], got -1")
 
 
+@pytest.mark.parametrize("replicas, message", [("0", "replicas must be an integer >= 1, got 0"),
+                                               ("100000", "100000 replicas need 100000 distinct start windows")])
+def test_evaluate_refuses_bad_replica_counts(capsys, exported_tiny_model, chain_data_dir, tmp_path, replicas,
+                                             message):
+    code, err = _evaluate(capsys, exported_tiny_model, chain_data_dir, tmp_path / "r", "--replicas", replicas)
+    assert_error(code, err, "evaluate", message)
+
+
 def test_evaluate_missing_model_dir(capsys, chain_data_dir, tmp_path):
     code, err = _evaluate(capsys, tmp_path / "nomodel", chain_data_dir, tmp_path / "r")
     assert_error(code, err, "evaluate", f"model directory {tmp_path / 'nomodel'} does not exist")

@@ -1,6 +1,7 @@
 """cgml evaluate end to end on tiny data: rollouts through CGMLIntegrator, report, plots."""
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -141,6 +142,106 @@ def test_reference_observables_match_direct_computation(exported_tiny_model, cha
     assert species.shape == (cg.mapping.n_beads,) and len(set(species)) == 1
 
 
+def test_start_histories_are_evenly_spaced_windows():
+    reference = np.arange(20, dtype=np.float64)[:, None, None] * np.ones((1, 2, 3))
+    windows = evaluate.start_histories(reference, seq_len=3, dilation=2, replicas=4)  # span 5: 16 windows
+    assert windows.shape == (4, 3, 2, 3)
+    np.testing.assert_array_equal(windows[:, :, 0, 0], [[0, 2, 4], [5, 7, 9], [10, 12, 14], [15, 17, 19]])
+    np.testing.assert_array_equal(evaluate.start_histories(reference, 3, 2, 1)[0, :, 0, 0], [0, 2, 4])
+    with pytest.raises(ValueError, match="17 replicas need 17 distinct start windows of 5 recorded frames"):
+        evaluate.start_histories(reference, 3, 2, 17)
+
+
+def test_pool_observables_pools_distributions_and_averages_lagged_quantities():
+    from openmm_cgml import analysis
+
+    rng = np.random.default_rng(0)
+    t = np.arange(6) * 2.0
+    parts = []
+    for k in range(3):
+        rg2 = 1.0 + k + 0.1 * rng.standard_normal(12)
+        acf = np.exp(-t / (2.0 + k))
+        msd = analysis.MSDResult(t, (k + 1) * t, np.full(4, float(k)), (2.0, 6.0))
+        parts.append(evaluate.Observables(rg2=rg2, acf=acf, collision=np.full(6, 0.1 * k),
+                                          rdfs={("A", "B"): (np.arange(3.0), np.array([0.0, 2.0 + k, 1.0]))},
+                                          msd={"A": msd}))
+    pooled = evaluate.pool_observables(parts, 2.0)
+    np.testing.assert_array_equal(pooled.rg2, np.concatenate([p.rg2 for p in parts]))
+    means = [p.rg2.mean() for p in parts]
+    assert pooled.rg2_mean == pytest.approx(np.mean(means))
+    assert pooled.rg2_sem == pytest.approx(np.std(means, ddof=1) / np.sqrt(3))
+    np.testing.assert_allclose(pooled.acf, np.mean([p.acf for p in parts], axis=0))
+    assert pooled.relaxation.tau_integral == pytest.approx(analysis.relaxation_time(pooled.acf, 2.0).tau_integral)
+    np.testing.assert_allclose(pooled.collision, np.full(6, 0.1))
+    np.testing.assert_allclose(pooled.rdfs[("A", "B")][1], [0.0, 3.0, 1.0])
+    np.testing.assert_allclose(pooled.msd["A"].msd, 2 * t)
+    assert pooled.msd["A"].per_unit_slope.size == 12  # every replica's beads are independent units
+    assert pooled.diffusion["A"].D == pytest.approx(2.0 / 6.0)
+    # a replica that failed early joins the distributions but not the lagged averages
+    short = evaluate.Observables(rg2=np.full(3, 9.0), acf=np.ones(2), collision=np.ones(3), rdfs={}, msd={})
+    pooled = evaluate.pool_observables(parts + [short], 2.0)
+    assert pooled.rg2.size == 39 and np.max(pooled.rg2) == 9.0
+    np.testing.assert_allclose(pooled.collision, np.full(6, 0.1))
+    assert evaluate.pool_observables(parts[:1], 2.0) is parts[0]
+
+
+def test_evaluate_with_replicas(exported_tiny_model, chain_data_dir, tmp_path, monkeypatch):
+    """K replicas of a non-periodic system run in one integrator call per learned run,
+    from K different reference windows; the metrics pool the replicas' own frames."""
+    import mdtraj
+
+    learned = LearnedSimulator.load(exported_tiny_model)
+    calls = []
+    original = LearnedSimulator.rollout_replicas
+
+    def spy(self, cg, histories, *args, **kwargs):
+        calls.append(np.array(histories))
+        return original(self, cg, histories, *args, **kwargs)
+
+    monkeypatch.setattr(LearnedSimulator, "rollout_replicas", spy)
+    out = tmp_path / "report"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cgml(["evaluate", "--model", f"tiny={exported_tiny_model}", "--data", str(chain_data_dir),
+                     "--out", str(out), "--rollout-factor", "1", "--replicas", "3", "--no-progress", "--no-sl",
+                     "--no-md-timing"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    (system,) = metrics["systems"]
+    # replicas that drift together (this barely trained model's do) are said in the metrics and report
+    said = sorted(str(w.message) for w in caught if "replicas came within" in str(w.message))
+    assert said == sorted(n for entry in system["runs"].values() for n in entry.get("warnings", []))
+    assert all(f"warning: {n[:160]}" in (out / "report.md").read_text() for n in said)
+    assert metrics["context"]["replicas"] == 3 and system["replicas"] == 3
+    runs = system["runs"]
+    learned_labels = ("tiny", "tiny (no score)", "tiny (no score, no limits)")
+    assert len(calls) == len(learned_labels)  # one batched rollout per learned run
+    record = load_trajectory(list_trajectories(chain_data_dir, split="test")[0])
+    cg = learned.coarseGrain(record)
+    reference = cg.mapping.map_positions(record.positions)
+    expected = evaluate.start_histories(reference, learned.seqLen, learned.dilation, 3)
+    for histories in calls:
+        np.testing.assert_allclose(histories, expected)
+        assert not np.allclose(histories[0], histories[1])
+    for label in learned_labels:
+        assert runs[label]["replicas"] == 3 and "failure" not in runs[label]
+        assert runs[label]["frames"] == system["rollout_steps"] + 1
+        assert runs[label]["steps_per_second"] == pytest.approx(3 * system["rollout_steps"]
+                                                                / runs[label]["wall_seconds"])
+    assert "replicas" not in runs["reference MD"]
+    # the first run's replicas are on disk, each starting where its window ends; the
+    # reported <Rg^2> is the mean over all their frames
+    groups = evaluate.molecule_groups(cg.mapping)
+    series = []
+    for r in range(3):
+        frames = mdtraj.load_dcd(str(out / system["system"] / f"tiny_replica{r}.dcd"), top=mdtraj.Topology.from_openmm(
+            cg.topology)).xyz
+        assert len(frames) == system["rollout_steps"] + 1
+        np.testing.assert_allclose(frames[0], expected[r, -1], atol=1e-4)
+        series.append(evaluate.rg2_series(frames.astype(np.float64), cg.mapping.bead_masses, groups))
+    assert runs["tiny"]["rg2_mean"] == pytest.approx(float(np.mean(np.concatenate(series))), rel=1e-4)
+    assert "3 replicas each" in (out / "report.md").read_text()
+
+
 def test_summary_errors():
     systems = [{"runs": {"reference MD": {"rg2_mean": 2.0, "relaxation_ps_integral": 10.0},
                          "a": {"rg2_mean": 3.0, "relaxation_ps_integral": 12.0, "rg2_js_vs_reference": 0.1}}},
@@ -182,13 +283,16 @@ def test_evaluate_periodic_electrolyte(tmp_path, recorded_figures):
         "model.langevin_steps": 1})
     train(config, tmp_path / "run", progress=False)
     model = export_checkpoint(tmp_path / "run", tmp_path / "model")
+    # two replicas: a periodic box holds one copy, so they run one after the other
     report = evaluate.run_evaluation({"tiny": model}, data, tmp_path / "report", rollout_factor=1.0,
-                                     sl_baseline=False, progress=False, measure_md=False)
+                                     sl_baseline=False, progress=False, measure_md=False, replicas=2)
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     (system,) = metrics["systems"]
     runs = system["runs"]
     assert "failure" not in runs["tiny"], runs["tiny"].get("failure")
     assert runs["tiny"]["frames"] == system["rollout_steps"] + 1 >= 2
+    assert runs["tiny"]["replicas"] == 2
+    assert all((tmp_path / "report" / system["system"] / f"tiny_replica{r}.dcd").stat().st_size > 0 for r in (0, 1))
     # one diffusivity per bead species of the held-out system, for the reference and the rollout
     learned = LearnedSimulator.load(model)
     record = load_trajectory(list_trajectories(data, split="test")[0])
