@@ -2,8 +2,9 @@
 (issues 11 and 13): one exported model, several refinement settings, several seeds,
 measured side by side in one run.
 
-For every setting (``none``: dynamics only; ``K[:schedule[:eps]]``: K Langevin steps per
-noise level of the model's ladder, optionally with another schedule or step size) and seed, the learned simulator runs ``--steps`` steps through
+For every setting (``none``: dynamics only; ``K[:schedule[:eps[:levels]]]``: K Langevin
+steps per noise level of the model's ladder, optionally with another schedule, step size,
+or only the smallest ``levels`` noise levels) and seed, the learned simulator runs ``--steps`` steps through
 CGMLIntegrator in an app.Simulation from the held-out reference's first frames. Each
 rollout and the reference are analysed by the evaluation's own functions
 (:mod:`openmm_cgml.evaluate`), and the table gives, mean and spread (min-max) over
@@ -59,15 +60,18 @@ def spread(values) -> str:
 
 
 def parse_setting(setting: str) -> dict:
-    """'none' -> {}; 'K[:schedule[:eps]]' -> createIntegrator's Langevin overrides."""
+    """'none' -> {}; 'K[:schedule[:eps[:levels]]]' -> createIntegrator's Langevin overrides
+    (an empty field keeps the model's default)."""
     if setting == "none":
         return {}
     parts = setting.split(":")
     out = {"langevinSteps": int(parts[0])}
     if len(parts) > 1 and parts[1]:
         out["langevinSchedule"] = parts[1]
-    if len(parts) > 2:
+    if len(parts) > 2 and parts[2]:
         out["langevinStepSize"] = float(parts[2])
+    if len(parts) > 3 and parts[3]:
+        out["langevinLevels"] = int(parts[3])
     return out
 
 
@@ -76,8 +80,9 @@ def main(argv=None) -> int:
     parser.add_argument("model")
     parser.add_argument("--data", default="data/electrolyte-pretrain")
     parser.add_argument("--settings", nargs="+", default=["none", "1", "2"],
-                        help="'none' (no refinement) or K[:schedule[:eps]]: Langevin steps per level, "
-                             "optionally the schedule (constant, ncsn) and step size eps (nm^2)")
+                        help="'none' (no refinement) or K[:schedule[:eps[:levels]]]: Langevin steps per "
+                             "level, optionally the schedule (constant, ncsn), step size eps (nm^2) and the "
+                             "number of (smallest) noise levels")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)

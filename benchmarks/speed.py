@@ -20,7 +20,10 @@ the electrolyte's CG density) shows how cost grows. The last line sums up, e.g.
 
     python benchmarks/speed.py [--systems chain electrolyte] [--seconds 3] [--threads 1]
                                [--monomers 100] [--sizes 100 1000 10000] [--data DIR]
-                               [--langevin-steps K]
+                               [--langevin-steps K] [--langevin-levels L] [--fast K:LEVELS]
+
+``--fast K:LEVELS`` (default 3:3) also times a cheaper refinement, K Langevin steps on
+the LEVELS smallest noise levels (``CGMLIntegrator.setLangevinLevels``), in the same run.
 """
 from __future__ import annotations
 
@@ -38,11 +41,12 @@ from bead_box import bead_box  # noqa: E402
 from held_out_chain import held_out_chain  # noqa: E402
 
 
-def learned_speed(learned, cg, score: bool, seconds: float, threads: int, langevin_steps: int | None = None) -> float:
-    """Simulated ps per wall-clock second of ``learned`` on ``cg``."""
+def learned_speed(learned, cg, score: bool, seconds: float, threads: int, langevin: dict | None = None) -> float:
+    """Simulated ps per wall-clock second of ``learned`` on ``cg``; ``langevin``: overrides
+    of the refinement settings (createIntegrator's langevin* arguments)."""
     from openmm_cgml.runtime import timed
 
-    integrator = learned.createIntegrator(cg, score=score, seed=1, langevinSteps=langevin_steps if score else None)
+    integrator = learned.createIntegrator(cg, score=score, seed=1, **(langevin or {} if score else {}))
     integrator.setNumThreads(threads)
     simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName("CPU"),
                                 {"Threads": str(threads)})
@@ -86,7 +90,7 @@ def electrolyte_case(data_dir: Path):
     return learned, built, cg, f"electrolyte {spec.name}", (positions, box, state)
 
 
-def scaling(learned, cg, sizes, seconds: float, threads: int, langevin_steps: int | None = None) -> None:
+def scaling(learned, cg, sizes, seconds: float, threads: int, langevin: dict | None = None) -> None:
     """Seconds per learned step against beads, random beads at ``cg``'s density."""
     from openmm_cgml.simulator import CGSystem
 
@@ -105,7 +109,7 @@ def scaling(learned, cg, sizes, seconds: float, threads: int, langevin_steps: in
                         True, box, learned.dilation, learned.seqLen)
         row = []
         for score in (False, True):
-            rate = learned_speed(learned, boxed, score, seconds, threads, langevin_steps)
+            rate = learned_speed(learned, boxed, score, seconds, threads, langevin)
             row.append(learned.stepSize.value_in_unit(unit.picosecond) / rate * 1000)
         print(f"{n:>7} {row[0]:>19.4g} {row[1]:>18.4g} {row[0] / n * 1000:>19.4g}")
 
@@ -119,17 +123,28 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="*", default=[100, 1000, 10000])
     parser.add_argument("--langevin-steps", type=int, default=None,
                         help="Langevin steps per noise level of the refined runs (default: the model's)")
+    parser.add_argument("--langevin-levels", type=int, default=None,
+                        help="noise levels (the smallest) of the refined runs (default: the model's whole ladder)")
+    parser.add_argument("--fast", default="3:3", metavar="K:LEVELS",
+                        help="also time this cheaper refinement: K Langevin steps on the LEVELS smallest noise "
+                             "levels (default 3:3; 'none' to skip)")
     parser.add_argument("--data", default="data/electrolyte-pretrain",
                         help="electrolyte data (make electrolyte-data): its held-out trajectory's last frame is timed")
     args = parser.parse_args(argv)
 
     from openmm_cgml.generate import md_speed
 
+    shipped = {k: v for k, v in (("langevinSteps", args.langevin_steps), ("langevinLevels", args.langevin_levels))
+               if v is not None}
+    fast = None
+    if args.fast != "none":
+        steps, levels = (int(v) for v in args.fast.split(":"))
+        fast = {"langevinSteps": steps, "langevinLevels": levels}
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s) for MD (OpenMM CPU platform) and for the learned simulator; "
           "simulated ps per wall-clock second\n")
     print(f"{'system':<44} {'atoms':>6} {'beads':>6} {'MD ps/s':>9} {'refined ps/s':>13} {'no-score ps/s':>14} "
-          f"{'refined/MD':>11} {'no-score/MD':>12}")
+          f"{'refined/MD':>11} {'no-score/MD':>12}" + (f" {'fast ' + args.fast + '/MD':>13}" if fast else ""))
     summary, states, electrolyte = [], [], None
     for kind in args.systems:
         learned, built, cg, label, (positions, box, state) = (
@@ -137,18 +152,20 @@ def main(argv=None) -> int:
         states.append(f"{kind}: {state}")
         md = md_speed(built, positions, box, threads=args.threads, min_seconds=args.seconds)
         bare = learned_speed(learned, cg, False, args.seconds, args.threads)
-        refined = (learned_speed(learned, cg, True, args.seconds, args.threads, args.langevin_steps)
-                   if learned.scorePath else None)
+        refined = learned_speed(learned, cg, True, args.seconds, args.threads, shipped) if learned.scorePath else None
+        quick = learned_speed(learned, cg, True, args.seconds, args.threads, fast) if learned.scorePath and fast else None
         print(f"{label:<44} {built.system.getNumParticles():>6} {cg.n_beads:>6} {md:>9.3g} "
               f"{refined if refined else float('nan'):>13.3g} {bare:>14.3g} "
-              f"{(refined / md) if refined else float('nan'):>11.3g} {bare / md:>12.3g}")
+              f"{(refined / md) if refined else float('nan'):>11.3g} {bare / md:>12.3g}"
+              + (f" {(quick / md) if quick else float('nan'):>13.3g}" if fast else ""))
         summary.append(f"{kind} {bare / md:.0f}x MD (refined: "
-                       + (f"{refined / md:.0f}x)" if refined else "no score model)"))
+                       + (f"{refined / md:.0f}x" + (f"; fast {args.fast}: {quick / md:.0f}x" if quick else "") + ")"
+                          if refined else "no score model)"))
         if kind == "electrolyte":
             electrolyte = (learned, cg)
     print("states timed: " + "; ".join(states))
     if electrolyte and args.sizes:
-        scaling(*electrolyte, args.sizes, args.seconds, args.threads, args.langevin_steps)
+        scaling(*electrolyte, args.sizes, args.seconds, args.threads, shipped)
     print("speed: " + ", ".join(summary))
     return 0
 

@@ -72,7 +72,8 @@ class CGMLIntegrator(openmm.Integrator):
 
     Each step: ``mean, std, latent = dynamics(history, box, features, bonds)``;
     ``a = mean + std z`` (``a = mean`` when deterministic); ``x = x_t + (x_t - x_{t-1}) + a``;
-    then, with a score model, for each sigma_i of its ladder, ``K`` times
+    then, with a score model, for each sigma_i of its ladder (or of its smallest
+    :meth:`setLangevinLevels` levels), ``K`` times
     ``x += a_i * score(x, latent, ..., sigma_i) + sqrt(2 a_i) z'``, with ``a_i = eps``
     (schedule ``"constant"``) or ``a_i = eps sigma_i^2 / sigma_L^2`` (``"ncsn"``; see
     :meth:`setLangevinSchedule`). The context's positions
@@ -214,6 +215,21 @@ class CGMLIntegrator(openmm.Integrator):
 
     def getLangevinSchedule(self) -> str:
         return self._impl.getLangevinSchedule()
+
+    def getNumNoiseLevels(self) -> int:
+        """Noise levels of the score model's ladder (0 without a score model)."""
+        return self._impl.getNumNoiseLevels()
+
+    def setLangevinLevels(self, levels: int) -> None:
+        """Refine over the ``levels`` smallest noise levels of the ladder only (default:
+        all of them): fewer score calls per step; the levels kept use their usual step
+        sizes. Must be in ``[1, getNumNoiseLevels()]``, else ValueError."""
+        if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)):
+            raise TypeError(f"the number of Langevin levels must be an int, got {type(levels).__name__}")
+        self._impl.setLangevinLevels(int(levels))
+
+    def getLangevinLevels(self) -> int:
+        return self._impl.getLangevinLevels()
 
     def getLangevinStepSizes(self) -> np.ndarray:
         """The Langevin step size of each level of the ladder (nm^2) under the current

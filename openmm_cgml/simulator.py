@@ -422,7 +422,7 @@ class LearnedSimulator:
     def createIntegrator(self, cg: CGSystem, score: bool = True, deterministic: bool = False,
                          seed: int = 0, langevinSteps: int | None = None,
                          langevinStepSize: float | None = None, langevinSchedule: str | None = None,
-                         exclusionDistance=None, bondLengthLimit=None):
+                         langevinLevels: int | None = None, exclusionDistance=None, bondLengthLimit=None):
         """A :class:`~openmm_cgml.CGMLIntegrator` for ``cg`` (bead features, CG bonds and
         periodicity set). ``score=False`` runs without refinement; ``exclusionDistance``
         and ``bondLengthLimit`` (nm or length Quantities; 0 turns them off) override the
@@ -447,6 +447,8 @@ class LearnedSimulator:
             integrator.setLangevinStepSize(langevinStepSize)
         if langevinSchedule is not None:
             integrator.setLangevinSchedule(langevinSchedule)
+        if langevinLevels is not None:
+            integrator.setLangevinLevels(langevinLevels)
         if exclusionDistance is not None:
             integrator.setExclusionDistance(exclusionDistance)
         if bondLengthLimit is not None:
@@ -462,17 +464,17 @@ class LearnedSimulator:
         a Quantity), the last ``seq_len`` are used. ``score=False``: no refinement;
         ``limits=False``: without the model's distance limits; ``langevin``: overrides of
         the score model's Langevin settings, keyword arguments of :meth:`createIntegrator`
-        (``langevinSteps``, ``langevinStepSize``, ``langevinSchedule``). ``reporters`` are added to
+        (``langevinSteps``, ``langevinStepSize``, ``langevinSchedule``, ``langevinLevels``). ``reporters`` are added to
         the simulation (e.g. ``app.DCDReporter``). A failing step (NaN, ...) ends the
         rollout early: the frames before it are kept and the failure is recorded.
         """
         from tqdm.auto import tqdm
 
         langevin = dict(langevin or {})
-        unknown = set(langevin) - {"langevinSteps", "langevinStepSize", "langevinSchedule"}
+        unknown = set(langevin) - {"langevinSteps", "langevinStepSize", "langevinSchedule", "langevinLevels"}
         if unknown:
             raise ValueError(f"unknown Langevin settings {sorted(unknown)}; "
-                             "known: langevinSteps, langevinStepSize, langevinSchedule")
+                             "known: langevinSteps, langevinStepSize, langevinSchedule, langevinLevels")
         off = None if limits else 0.0
         integrator = self.createIntegrator(cg, score=score, seed=seed, exclusionDistance=off, bondLengthLimit=off,
                                            **(langevin if score else {}))

@@ -122,7 +122,7 @@ def test_default_from_the_model_attribute_and_configuration_round_trips(tmp_path
         assert clone.getExclusionDistance().value_in_unit(unit.nanometer) == pytest.approx(0.25)
     # XML written before version 3 has no exclusionDistance: the model's default applies
     old = re.sub(r' exclusionDistance="[^"]*"', "", xml, count=1)
-    old = re.sub(r'(<Integrator [^>]*)version="3"', r'\1version="2"', old, count=1)
+    old = re.sub(r'(<Integrator [^>]*)version="4"', r'\1version="2"', old, count=1)
     assert CGMLIntegrator.deserialize(old).getExclusionDistance().value_in_unit(unit.nanometer) == pytest.approx(0.7)
 
 
@@ -184,5 +184,5 @@ def test_bond_length_limit_default_from_the_model_and_xml(tmp_path):
     xml = openmm.XmlSerializer.serialize(integrator)
     assert CGMLIntegrator.deserialize(xml).getBondLengthLimit().value_in_unit(unit.nanometer) == pytest.approx(3.0)
     old = re.sub(r' (bondLengthLimit|exclusionDistance)="[^"]*"', "", xml, count=2)
-    old = re.sub(r'(<Integrator [^>]*)version="3"', r'\1version="2"', old, count=1)
+    old = re.sub(r'(<Integrator [^>]*)version="4"', r'\1version="2"', old, count=1)
     assert CGMLIntegrator.deserialize(old).getBondLengthLimit().value_in_unit(unit.nanometer) == pytest.approx(4.5)

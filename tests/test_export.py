@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -192,6 +193,19 @@ def test_export_sets_langevin_defaults(trained, chain_data_dir, tmp_path, capsys
     inputs = (torch.randn(n, 3), torch.randn(n, latent_dim), torch.zeros(3, 3),
               torch.randn(n, full_ladder.num_features), torch.zeros(0, 2, dtype=torch.long), full_ladder.sigmas[-1])
     torch.testing.assert_close(cut(*inputs), full_ladder(*inputs))
+    # ... which the integrator does at run time too: the whole ladder told to refine over its
+    # 2 smallest levels rolls out what the shortened archive does, noise and all
+    record = load_trajectory(list_trajectories(chain_data_dir, split="test")[0])
+    runs = []
+    for directory, langevin in ((default_dir, {"langevinLevels": 2}), (short, {})):
+        model = LearnedSimulator.load(directory)
+        cg = model.coarseGrain(record)
+        runs.append(model.rollout(cg, cg.map_trajectory(record)[: model.seqLen], 5, seed=3, langevin=langevin))
+    np.testing.assert_allclose(runs[0].positions, runs[1].positions, rtol=0, atol=1e-5)
+    plain = LearnedSimulator.load(default_dir)
+    cg = plain.coarseGrain(record)
+    assert not np.allclose(plain.rollout(cg, cg.map_trajectory(record)[: plain.seqLen], 5, seed=3).positions,
+                           runs[0].positions, atol=1e-5)
     for bad, message in ((["--langevin-steps", "-1"], "model.langevin_steps: must be >= 0"),
                          (["--langevin-step-size", "0"], "model.langevin_step_size: must be a positive finite number"),
                          (["--langevin-schedule", "linear"], "model.langevin_schedule: must be 'constant' or 'ncsn'"),

@@ -968,11 +968,11 @@ def test_xml_of_format_version_1_loads_with_the_constant_schedule(tmp_path):
     dyn = save(HarmonicDynamics(k=0.1), tmp_path / "d.pt")
     integrator = CGMLIntegrator(dyn, save(ScheduledGaussianScore("ncsn"), tmp_path / "n.pt"))
     xml = openmm.XmlSerializer.serialize(integrator)
-    assert re.search(r'<Integrator [^>]*version="3"', xml)
-    # what version 1 wrote: no langevinSchedule (nor exclusionDistance, added in version 3);
-    # its integrator ran the constant schedule
-    old = re.sub(r' (langevinSchedule|exclusionDistance)="[^"]*"', "", xml, count=2)
-    old = re.sub(r'(<Integrator [^>]*)version="3"', r'\1version="1"', old, count=1)
+    assert re.search(r'<Integrator [^>]*version="4"', xml)
+    # what version 1 wrote: no langevinSchedule (nor exclusionDistance, added in version 3,
+    # nor langevinLevels, version 4); its integrator ran the constant schedule
+    old = re.sub(r' (langevinSchedule|exclusionDistance|langevinLevels)="[^"]*"', "", xml, count=3)
+    old = re.sub(r'(<Integrator [^>]*)version="4"', r'\1version="1"', old, count=1)
     assert "langevinSchedule" not in old and 'version="1"' in old
     assert CGMLIntegrator.deserialize(old).getLangevinSchedule() == "constant"
     # versions >= 2 must carry it
@@ -983,6 +983,47 @@ def test_xml_of_format_version_1_loads_with_the_constant_schedule(tmp_path):
     for load in (CGMLIntegrator.deserialize, openmm.XmlSerializer.deserialize):
         with pytest.raises(Exception, match='Langevin schedule must be "constant" or "ncsn", got "cosine"'):
             load(bad)
+
+
+def test_langevin_levels_keep_the_smallest_sigmas(tmp_path):
+    # score -x / sigma_i^2, constant schedule: each Langevin step at level i multiplies x by
+    # 1 - eps / sigma_i^2, so refining over the last n levels gives the product over those
+    eps, sigmas, steps = 1e-3, (0.4, 0.2, 0.1), 2
+    dyn = save(HarmonicDynamics(k=0.0), tmp_path / "d.pt")
+    score = save(SigmaScore(sigmas=sigmas, langevin_steps=steps, langevin_step_size=eps), tmp_path / "s.pt")
+    s = np.asarray(sigmas, np.float32).astype(np.float64)
+    integrator = CGMLIntegrator(dyn, score)
+    assert integrator.getNumNoiseLevels() == 3 and integrator.getLangevinLevels() == 3  # default: the whole ladder
+    for levels in (3, 2, 1):
+        integrator = CGMLIntegrator(dyn, score)
+        integrator.setLangevinLevels(levels)
+        integrator.setDeterministic(True)
+        sim = simulation(integrator, n=5)
+        x0, _ = state_arrays(sim.context)
+        sim.step(1)
+        factor = np.prod((1 - eps / s[3 - levels:] ** 2) ** steps)
+        np.testing.assert_allclose(state_arrays(sim.context)[0], x0 * factor, rtol=1e-5, atol=1e-7)
+    for bad in (0, 4, -1):
+        with pytest.raises(ValueError, match=r"Langevin levels must be in \[1, 3\]"):
+            integrator.setLangevinLevels(bad)
+    with pytest.raises(TypeError, match="must be an int"):
+        integrator.setLangevinLevels(1.5)
+    assert integrator.getLangevinLevels() == 1  # unchanged by the refused values
+    bare = CGMLIntegrator(dyn)
+    assert bare.getNumNoiseLevels() == 0 and bare.getLangevinLevels() == 0
+    with pytest.raises(ValueError, match="no score model"):
+        bare.setLangevinLevels(1)
+    # configuration: it travels in XML and copies; XML of version 3 (before it) runs the whole ladder
+    import re
+
+    xml = openmm.XmlSerializer.serialize(integrator)
+    assert 'langevinLevels="1"' in xml
+    for clone in (CGMLIntegrator.deserialize(xml), copy.deepcopy(integrator), pickle.loads(pickle.dumps(integrator))):
+        assert clone.getLangevinLevels() == 1
+    old = re.sub(r'(<Integrator [^>]*)version="4"', r'\1version="3"', re.sub(r' langevinLevels="1"', "", xml), count=1)
+    assert CGMLIntegrator.deserialize(old).getLangevinLevels() == 3
+    with pytest.raises(Exception, match=r"Langevin levels must be in \[1, 3\]"):
+        CGMLIntegrator.deserialize(xml.replace('langevinLevels="1"', 'langevinLevels="7"'))
 
 
 def test_unknown_langevin_schedule_is_refused(tmp_path):

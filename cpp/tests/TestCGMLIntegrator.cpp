@@ -414,10 +414,11 @@ static void testLangevinSchedule() {
 
     // deterministic step with the score -x / sigma_i^2: each Langevin step multiplies x by
     // 1 - alpha_i / sigma_i^2 = 1 - eps / sigma_L^2 under NCSN, by 1 - eps / sigma_i^2 under constant
-    auto finalFactor = [&](const std::string& schedule) {
+    auto finalFactor = [&](const std::string& schedule, int levels = 3) {
         System system = makeSystem(n);
         CGMLIntegrator stepper(harmonicModel(0, 0, 2), sigmaScore());
         stepper.setLangevinSchedule(schedule);
+        stepper.setLangevinLevels(levels);
         stepper.setDeterministic(true);
         Context context(system, stepper, Platform::getPlatformByName("Reference"));
         std::vector<Vec3> x0 = randomPositions(n, 8);
@@ -440,6 +441,13 @@ static void testLangevinSchedule() {
     ASSERT_NEAR(finalFactor("ncsn"), ncsn, 1e-5);
     ASSERT_NEAR(finalFactor("constant"), constant, 1e-5);
     ASSERT(std::abs(ncsn - constant) > 0.1);
+    // a shortened ladder keeps the smallest sigmas, with their usual step sizes
+    ASSERT_NEAR(finalFactor("constant", 1), std::pow(1 - eps / (sigmas[2] * sigmas[2]), K), 1e-5);
+    ASSERT_NEAR(finalFactor("ncsn", 2), std::pow(1 - eps / (sigmas[2] * sigmas[2]), K * 2), 1e-5);
+    ASSERT(integrator.getNumNoiseLevels() == 3 && integrator.getLangevinLevels() == 3);
+    for (int bad : {0, 4})
+        EXPECT_THROW(std::invalid_argument, integrator.setLangevinLevels(bad), "Langevin levels must be in [1, 3]");
+    EXPECT_THROW(std::invalid_argument, CGMLIntegrator(harmonicModel(0, 0, 2)).setLangevinLevels(1), "no score model");
 
     // XML keeps it (a version 2 field); version 1 XML, which has none, loads as constant
     std::stringstream stream;
@@ -460,7 +468,7 @@ static void testLangevinSchedule() {
     const size_t at = xml.find(field);
     std::string withoutField = xml.substr(0, at) + xml.substr(at + field.size());
     EXPECT_THROW(OpenMMException, load(withoutField), "langevinSchedule");  // versions >= 2 must carry it
-    const size_t version = withoutField.find("version=\"3\"");
+    const size_t version = withoutField.find("version=\"4\"");
     ASSERT(version != std::string::npos);
     std::string versionOne = withoutField;
     versionOne[version + 9] = '1';

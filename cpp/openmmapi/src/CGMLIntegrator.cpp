@@ -21,6 +21,7 @@ CGMLIntegrator::CGMLIntegrator(const std::string& dynamicsModel, const std::stri
     langevinSteps = learnedStep->getDefaultLangevinSteps();
     langevinStepSize = learnedStep->getDefaultLangevinStepSize();
     langevinSchedule = (int) learnedStep->getDefaultLangevinSchedule();
+    langevinLevels = getNumNoiseLevels();
     exclusionDistance = learnedStep->getDefaultExclusionDistance();
     bondLengthLimit = learnedStep->getDefaultBondLengthLimit();
     numThreads = 0;
@@ -201,6 +202,20 @@ void CGMLIntegrator::setLangevinSchedule(const std::string& schedule) {
 
 std::string CGMLIntegrator::getLangevinSchedule() const {
     return LearnedStep::langevinScheduleName((LearnedStep::LangevinSchedule) langevinSchedule);
+}
+
+int CGMLIntegrator::getNumNoiseLevels() const {
+    return learnedStep->hasScoreModel() ? (int) learnedStep->getSigmas().size(0) : 0;
+}
+
+void CGMLIntegrator::setLangevinLevels(int levels) {
+    const int available = getNumNoiseLevels();
+    if (available == 0 && levels != 0)
+        throw std::invalid_argument("the integrator has no score model, so no noise levels to refine over");
+    if (available > 0 && (levels < 1 || levels > available))
+        throw std::invalid_argument("the number of Langevin levels must be in [1, " + std::to_string(available) +
+                                    "] (the score model's ladder), got " + std::to_string(levels));
+    langevinLevels = levels;
 }
 
 std::vector<double> CGMLIntegrator::getLangevinStepSizes() const {

@@ -393,9 +393,12 @@ torch::Tensor LearnedStep::predict(const torch::Tensor& box, const Options& opti
                               ": the dynamics model predicted a non-finite position; the context keeps its last good state");
     if (hasScore && options.langevinSteps > 0) {
         // annealed Langevin dynamics over the sigma ladder (docs/method.md step 5); the step size
-        // of each level follows the schedule (constant: eps; NCSN: eps sigma_i^2 / sigma_L^2)
+        // of each level follows the schedule (constant: eps; NCSN: eps sigma_i^2 / sigma_L^2);
+        // a shortened ladder keeps its smallest levels, where the score refines most
         const std::vector<double> stepSizes = langevinStepSizes(options.langevinStepSize, options.langevinSchedule);
-        for (int64_t level = 0; level < sigmas.size(0); level++) {
+        const int64_t levels = sigmas.size(0);
+        const int64_t first = options.langevinLevels < 0 ? 0 : levels - std::min<int64_t>(options.langevinLevels, levels);
+        for (int64_t level = first; level < levels; level++) {
             torch::Tensor sigma = sigmas[level];
             const double eps = stepSizes[level];
             const double noiseScale = std::sqrt(2 * eps);

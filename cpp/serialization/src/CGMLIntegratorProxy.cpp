@@ -16,7 +16,8 @@ using namespace OpenMM;
 // Version 2 added langevinSchedule; version 1 XML (without it) loads with the constant
 // schedule, the only one its writer knew. Version 3 added exclusionDistance,
 // bondLengthLimit (older XML keeps the dynamics model's defaults) and numThreads (0).
-static const int formatVersion = 3;
+// Version 4 added langevinLevels; older XML runs the whole ladder.
+static const int formatVersion = 4;
 
 CGMLIntegratorProxy::CGMLIntegratorProxy() : SerializationProxy("CGMLIntegrator") {
 }
@@ -32,6 +33,7 @@ void CGMLIntegratorProxy::serialize(const void* object, SerializationNode& node)
     node.setIntProperty("langevinSteps", integrator.getLangevinSteps());
     node.setDoubleProperty("langevinStepSize", integrator.getLangevinStepSize());
     node.setStringProperty("langevinSchedule", integrator.getLangevinSchedule());
+    node.setIntProperty("langevinLevels", integrator.getLangevinLevels());
     node.setDoubleProperty("exclusionDistance", integrator.getExclusionDistance());
     node.setDoubleProperty("bondLengthLimit", integrator.getBondLengthLimit());
     node.setIntProperty("numThreads", integrator.getNumThreads());
@@ -98,6 +100,8 @@ void* CGMLIntegratorProxy::deserialize(const SerializationNode& node) const {
         if (integrator->hasScoreModel())
             integrator->setLangevinStepSize(node.getDoubleProperty("langevinStepSize"));
         integrator->setLangevinSchedule(version >= 2 ? node.getStringProperty("langevinSchedule") : "constant");
+        if (version >= 4)
+            integrator->setLangevinLevels(node.getIntProperty("langevinLevels"));
         if (version >= 3) {  // older XML keeps the dynamics model's defaults
             integrator->setExclusionDistance(node.getDoubleProperty("exclusionDistance"));
             integrator->setBondLengthLimit(node.getDoubleProperty("bondLengthLimit"));

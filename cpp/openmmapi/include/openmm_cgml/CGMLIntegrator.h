@@ -118,6 +118,17 @@ public:
     std::string getLangevinSchedule() const;
     /** The step size of each level of the ladder (nm^2) under the current schedule. */
     std::vector<double> getLangevinStepSizes() const;
+    /** Noise levels of the score model's ladder (0 without a score model). */
+    int getNumNoiseLevels() const;
+    /**
+     * How many noise levels the refinement anneals through: the smallest this many of
+     * the ladder (the larger sigmas are skipped). Default: all of them. Must be in
+     * [1, getNumNoiseLevels()] (0 without a score model); other values throw
+     * std::invalid_argument. The step sizes of the levels kept do not change. Like the
+     * other Langevin settings, it is configuration: serialized, not part of checkpoints.
+     */
+    void setLangevinLevels(int levels);
+    int getLangevinLevels() const { return langevinLevels; }
     /**
      * Excluded volume (nm): after each step (and its refinement), beads that are not
      * CG-bonded and closer than this are pushed apart to exactly this distance (each
@@ -200,6 +211,7 @@ private:
     int langevinSteps;
     double langevinStepSize;
     int langevinSchedule;  // a LearnedStep::LangevinSchedule
+    int langevinLevels;
     double exclusionDistance, bondLengthLimit;
     int numThreads;
     int periodicMode;

@@ -58,6 +58,7 @@ void ReferenceIntegrateCGMLStepKernel::execute(ContextImpl& context, CGMLIntegra
     options.langevinSteps = integrator.getLangevinSteps();
     options.langevinStepSize = integrator.getLangevinStepSize();
     options.langevinSchedule = LearnedStep::parseLangevinSchedule(integrator.getLangevinSchedule(), "the Langevin schedule");
+    options.langevinLevels = integrator.getLangevinLevels();
     options.exclusionDistance = integrator.getExclusionDistance();
     options.bondLengthLimit = integrator.getBondLengthLimit();
     options.masses = &masses;

@@ -35,6 +35,8 @@ public:
         int langevinSteps = 0;
         double langevinStepSize = 0.0;
         LangevinSchedule langevinSchedule = LangevinSchedule::Constant;
+        /** Noise levels the refinement runs: the smallest this many of the ladder; -1: all. */
+        int langevinLevels = -1;
         /** Excluded volume (nm): non-bonded beads closer than this are pushed apart after the step; 0: off. */
         double exclusionDistance = 0.0;
         /** CG-bonded beads farther apart than this (nm) are pulled together after the step; 0: off. */
