@@ -207,6 +207,7 @@ def test_evaluate_duplicate_and_empty_model_labels(capsys, exported_tiny_model, 
     ("--rollout-factor", "-1", "rollout factor must be a positive number"),
     ("--train-steps", "0", "train steps must be an integer >= 1, got 0"),
     ("--seed", "-3", "seed must be an integer in [0, 2147483647], got -3"),
+    ("--replicas", "0", "replicas must be an integer >= 1, got 0"),
 ])
 def test_demo_refuses_bad_options_before_any_work(capsys, tmp_path, option, value, message):
     out = tmp_path / "demo"
