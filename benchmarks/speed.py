@@ -14,12 +14,12 @@ and the ratios learned / MD.
                840 atoms) at the last frame of its recorded trajectory (``--data``); without
                the data, as packed (lower density: both MD and the learned step faster).
 
-Then the time per learned step against the number of beads (``--sizes``, random beads at
-the electrolyte's CG density) shows how cost grows. The last line sums up, e.g.
+Then the time per learned step against the number of beads (``--tiles``: the timed
+electrolyte frame tiled m x m x m, a real liquid at every size) shows how cost grows. The last line sums up, e.g.
 ``speed: chain 352x MD (refined: no score model), electrolyte 14000x MD (refined: 700x)``.
 
     python benchmarks/speed.py [--systems chain electrolyte] [--seconds 3] [--threads 1]
-                               [--monomers 100] [--sizes 100 1000 10000] [--data DIR]
+                               [--monomers 100] [--tiles 1 2 4 5] [--data DIR]
                                [--langevin-steps K] [--langevin-levels L] [--fast K:LEVELS]
 
 ``--fast K:LEVELS`` (default 3:3) also times a cheaper refinement, K Langevin steps on
@@ -37,7 +37,6 @@ import torch
 from openmm import app, unit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bead_box import bead_box  # noqa: E402
 from held_out_chain import held_out_chain  # noqa: E402
 
 
@@ -90,28 +89,46 @@ def electrolyte_case(data_dir: Path):
     return learned, built, cg, f"electrolyte {spec.name}", (positions, box, state)
 
 
-def scaling(learned, cg, sizes, seconds: float, threads: int, langevin: dict | None = None) -> None:
-    """Seconds per learned step against beads, random beads at ``cg``'s density."""
+def supercell(cg, m: int):
+    """``cg`` (a periodic CG system) tiled m x m x m: the same liquid, m^3 times the beads
+    (bead masses, features and CG bonds copied; the box m times larger)."""
     from openmm_cgml.simulator import CGSystem
 
-    per_nm3 = cg.n_beads / abs(np.linalg.det(cg.box))
-    print(f"\ntime per learned step vs beads (shipped electrolyte model and settings, random beads at "
-          f"{per_nm3:.2g} beads/nm^3)")
-    print(f"{'beads':>7} {'ms/step (no score)':>19} {'ms/step (refined)':>18} {'us/bead (no score)':>19}")
-    rng = np.random.default_rng(0)
-    for n in sizes:
-        edge = (n / per_nm3) ** (1 / 3)
-        box = np.eye(3) * edge
-        topology, system = bead_box(n, edge, 50.0)
-        features = rng.normal(size=(n, cg.features.shape[1])).astype(np.float32)
-        bonds = np.stack([np.arange(0, n - 1, 2), np.arange(1, n, 2)], axis=1)
-        boxed = CGSystem(topology, system, rng.uniform(0, edge, (n, 3)) * unit.nanometer, None, features, bonds,
-                        True, box, learned.dilation, learned.seqLen)
+    box = np.asarray(cg.box, dtype=np.float64)
+    x = cg.positions.value_in_unit(unit.nanometer)
+    n = cg.n_beads
+    shifts = np.array([i * box[0] + j * box[1] + k * box[2] for i in range(m) for j in range(m) for k in range(m)])
+    system, topology = openmm.System(), app.Topology()
+    residue = topology.addResidue("CG", topology.addChain())
+    for _ in range(len(shifts)):
+        for i in range(n):
+            system.addParticle(cg.system.getParticleMass(i))
+            topology.addAtom("B", None, residue)
+    vectors = [openmm.Vec3(*(m * box[i])) for i in range(3)]
+    system.setDefaultPeriodicBoxVectors(*vectors)
+    topology.setPeriodicBoxVectors(vectors * unit.nanometer)
+    positions = (x[None] + shifts[:, None]).reshape(-1, 3)
+    bonds = (np.asarray(cg.bonds)[None] + n * np.arange(len(shifts))[:, None, None]).reshape(-1, 2)
+    return CGSystem(topology, system, positions * unit.nanometer, None, np.tile(cg.features, (len(shifts), 1)),
+                    bonds, True, m * box, cg.dilation, cg.seq_len)
+
+
+def scaling(learned, cg, factors, seconds: float, threads: int, langevin: dict | None = None) -> None:
+    """Seconds per learned step against beads: ``cg``'s liquid tiled m x m x m for each m
+    of ``factors`` (the same local structure at every size, so the distance limits and
+    the graph see a real liquid's neighbours)."""
+    print("\ntime per learned step vs beads (shipped electrolyte model and settings; the timed frame "
+          "tiled m x m x m)")
+    print(f"{'m':>3} {'beads':>7} {'ms/step (no score)':>19} {'ms/step (refined)':>18} {'us/bead (no score)':>19} "
+          f"{'us/bead (refined)':>18}")
+    for m in factors:
+        tiled = supercell(cg, m)
         row = []
         for score in (False, True):
-            rate = learned_speed(learned, boxed, score, seconds, threads, langevin)
+            rate = learned_speed(learned, tiled, score, seconds, threads, langevin)
             row.append(learned.stepSize.value_in_unit(unit.picosecond) / rate * 1000)
-        print(f"{n:>7} {row[0]:>19.4g} {row[1]:>18.4g} {row[0] / n * 1000:>19.4g}")
+        n = tiled.system.getNumParticles()
+        print(f"{m:>3} {n:>7} {row[0]:>19.4g} {row[1]:>18.4g} {row[0] / n * 1000:>19.4g} {row[1] / n * 1000:>18.4g}")
 
 
 def main(argv=None) -> int:
@@ -120,7 +137,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing per measurement")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--monomers", type=int, default=100)
-    parser.add_argument("--sizes", type=int, nargs="*", default=[100, 1000, 10000])
+    parser.add_argument("--tiles", type=int, nargs="*", default=[1, 2, 4, 5],
+                        help="supercell factors m of the per-bead scaling (m^3 copies of the electrolyte box: "
+                             "122 / 976 / 7,808 / 15,250 beads); none to skip")
     parser.add_argument("--langevin-steps", type=int, default=None,
                         help="Langevin steps per noise level of the refined runs (default: the model's)")
     parser.add_argument("--langevin-levels", type=int, default=None,
@@ -164,8 +183,8 @@ def main(argv=None) -> int:
         if kind == "electrolyte":
             electrolyte = (learned, cg)
     print("states timed: " + "; ".join(states))
-    if electrolyte and args.sizes:
-        scaling(*electrolyte, args.sizes, args.seconds, args.threads, shipped)
+    if electrolyte and args.tiles:
+        scaling(*electrolyte, args.tiles, args.seconds, args.threads, shipped)
     print("speed: " + ", ".join(summary))
     return 0
 

@@ -2,6 +2,7 @@
 with results, ``--set KEY=VALUE`` overrides and progress reporting."""
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any, Callable, Iterable
@@ -77,5 +78,6 @@ def timed(run: Callable[[int], Any], min_seconds: float) -> tuple[int, float]:
         seconds = time.perf_counter() - start
         if seconds >= min_seconds:
             return n, seconds
-        n *= 2 if seconds < min_seconds / 4 else 1
-        n = max(n, int(n * min_seconds / max(seconds, 1e-3)))
+        # grow at least by one: a call just under min_seconds must not be repeated forever
+        grown = n * 2 if seconds < min_seconds / 4 else n + 1
+        n = max(grown, math.ceil(n * min_seconds / max(seconds, 1e-3)))
