@@ -26,9 +26,10 @@ from pathlib import Path
 # Annealed Langevin refinement at demo size: 10 noise levels x 2 steps per learned step.
 DEMO_TRAINING = {"steps": 1200, "model.score_levels": 10, "model.langevin_steps": 2}
 # Rollouts per held-out chain, from start windows spread over its reference, batched in
-# one integrator call: one rollout's <Rg^2> swung by several percent from run to run
-# (measured on one demo model: 5.7 % error from one rollout, 11.3 % pooled over 4, at
-# about the same wall time).
+# one integrator call. One rollout's <Rg^2> is a noisy estimate: on one demo model one
+# rollout gave a 5.7 % error and 4 pooled replicas 11.3 % (the Rg^2 relaxation error
+# 103 -> 26 ps), the single rollout being the lucky draw; the 4 batched replicas of
+# these 8-bead chains took 1.0-1.5x one rollout's wall time.
 DEMO_REPLICAS = 4
 
 

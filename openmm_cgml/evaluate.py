@@ -137,27 +137,35 @@ def compute_observables(run: CGRun, masses: np.ndarray, groups: list[np.ndarray]
     return obs
 
 
-def pool_observables(observations: Sequence[Observables], dt_ps: float) -> Observables:
-    """One set of observables from independent replicas of a run.
-
-    Distributions pool every replica's frames (Rg^2 series concatenated; its mean over
-    all frames, its error the standard error of the replica means). Quantities over lag
-    or time (Rg^2 autocorrelation, collisions per frame, MSD) average the replicas that
-    ran the whole rollout (a replica that failed early has fewer frames; its failure is
-    reported); RDFs average g(r) on the shared bins; diffusivities are fitted to the
-    averaged MSD, with the per-bead slopes of every replica as independent units."""
-    observations = list(observations)
-    if len(observations) == 1:
-        return observations[0]
+def pooled_replicas(observations: Sequence[Observables]) -> list[int]:
+    """Indices of the replicas a pooled result uses: those that ran the longest (the
+    whole rollout, unless every replica failed)."""
     longest = max(len(o.collision) for o in observations)
-    full = [o for o in observations if len(o.collision) == longest]
+    return [i for i, o in enumerate(observations) if len(o.collision) == longest]
+
+
+def pool_observables(observations: Sequence[Observables], dt_ps: float) -> Observables:
+    """One set of observables from independent replicas of a run, all from the replicas
+    that ran the whole rollout (:func:`pooled_replicas`; a replica that failed early is
+    left out of every observable, and its failure is reported).
+
+    The Rg^2 distribution pools their frames; <Rg^2> is its mean (equal-length replicas:
+    the mean of the replica means) and its error the standard error of the replica
+    means (the blocking error of the one series when one replica is pooled). Rg^2
+    autocorrelation, collisions per frame and MSD are averaged over the replicas, RDFs
+    averaged on the shared bins, and diffusivities fitted to the averaged MSD with every
+    replica's per-bead slopes as independent units."""
+    observations = list(observations)
+    full = [observations[i] for i in pooled_replicas(observations)]
+    if len(full) == 1:
+        return full[0]
     out = Observables()
-    series = [o.rg2 for o in observations if o.rg2 is not None]
+    series = [o.rg2 for o in full if o.rg2 is not None]
     if series:
         out.rg2 = np.concatenate(series)
         out.rg2_mean = float(out.rg2.mean())
         means = np.array([s.mean() for s in series])
-        out.rg2_sem = float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else None
+        out.rg2_sem = float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else full[0].rg2_sem
         acfs = [o.acf for o in full if o.acf is not None]
         if acfs:
             out.acf = np.mean([a[: min(map(len, acfs))] for a in acfs], axis=0)
@@ -180,13 +188,20 @@ def start_histories(reference: np.ndarray, seq_len: int, dilation: int, replicas
     """[K, seq_len, N, 3] start histories for K replicas: windows of ``seq_len`` frames
     ``dilation`` recorded frames apart, their starts evenly spaced over ``reference``
     [F, N, 3] (the first at frame 0)."""
-    span = (seq_len - 1) * dilation + 1
-    available = len(reference) - span + 1
-    if not 1 <= replicas <= max(available, 0):
-        raise ValueError(f"{replicas} replicas need {replicas} distinct start windows of {span} recorded frames, "
-                         f"but the reference has {len(reference)} frames ({max(available, 0)} windows)")
-    starts = analysis.evenly_spaced(available, replicas)
+    span = check_start_windows(len(reference), seq_len, dilation, replicas)
+    starts = analysis.evenly_spaced(len(reference) - span + 1, replicas)
     return np.stack([reference[s: s + span: dilation] for s in starts]).astype(np.float64)
+
+
+def check_start_windows(n_frames: int, seq_len: int, dilation: int, replicas: int, name: str = "the reference") -> int:
+    """Refuse more replicas than ``n_frames`` recorded frames have distinct start windows;
+    returns the window's span in recorded frames."""
+    span = (seq_len - 1) * dilation + 1
+    available = max(n_frames - span + 1, 0)
+    if not 1 <= replicas <= available:
+        raise ValueError(f"{replicas} replicas need {replicas} distinct start windows of {span} recorded frames, "
+                         f"but {name} has {n_frames} frames ({available} windows)")
+    return span
 
 
 def learned_rollouts(learned, cg, histories: np.ndarray, n_steps: int, *, label: str, seed: int,
@@ -195,17 +210,17 @@ def learned_rollouts(learned, cg, histories: np.ndarray, n_steps: int, *, label:
     """Rollouts of ``learned`` from each of the [K, T, N, 3] ``histories``: one rollout for
     K = 1; K replicas advanced together in one integrator call for a non-periodic system
     (``LearnedSimulator.rollout_replicas``); K rollouts one after another (seeds seed,
-    seed + 1, ...) for a periodic one, whose box holds one copy. ``dcd_stem``: write each
-    rollout to ``<stem>.dcd`` (K = 1) or ``<stem>_replica<r>.dcd``. Returns the runs, the
-    wall time of them all (s) and the warnings the rollouts raised (also re-raised)."""
+    seed + 1, ...) for a periodic one, whose box holds one copy. A failure ends a batched
+    call for all its replicas. ``dcd_stem``: write each rollout's frames (the start
+    frame, then one per model step) to ``<stem>.dcd`` (K = 1) or
+    ``<stem>_replica<r>.dcd``. Returns the runs, the wall time of them all (s) and the
+    warnings that replicas drifted together (all warnings are re-raised)."""
     k = len(histories)
     notes: list[str] = []
     if k == 1:
-        reporters = [app.DCDReporter(f"{dcd_stem}.dcd", 1, enforcePeriodicBox=False)] if dcd_stem else []
-        run = learned.rollout(cg, histories[0], n_steps, seed=seed, label=label, progress=progress,
-                              reporters=reporters, **options)
-        return [run], run.wall_seconds, notes
-    if cg.periodic:
+        runs = [learned.rollout(cg, histories[0], n_steps, seed=seed, label=label, progress=progress, **options)]
+        wall = float(runs[0].wall_seconds)
+    elif cg.periodic:
         runs = [learned.rollout(cg, h, n_steps, seed=seed + r, label=f"{label} replica {r}", progress=progress,
                                 **options) for r, h in enumerate(histories)]
         wall = float(sum(r.wall_seconds for r in runs))
@@ -213,18 +228,20 @@ def learned_rollouts(learned, cg, histories: np.ndarray, n_steps: int, *, label:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             runs = learned.rollout_replicas(cg, histories, n_steps, seed=seed, progress=progress, **options)
-        for warning in caught:  # e.g. replicas that drifted within a cutoff: said again, and reported
+        for warning in caught:  # said again; replicas that drifted within a cutoff are also reported
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-            notes.append(str(warning.message))
+            if str(warning.message).startswith("replicas came within"):
+                notes.append(str(warning.message))
         wall = float(runs[0].wall_seconds)
     if dcd_stem:
         for r, run in enumerate(runs):
-            write_dcd(Path(f"{dcd_stem}_replica{r}.dcd"), cg.topology, run)
+            write_dcd(Path(f"{dcd_stem}.dcd" if k == 1 else f"{dcd_stem}_replica{r}.dcd"), cg.topology, run)
     return runs, wall, notes
 
 
 def write_dcd(path: Path, topology, run: CGRun) -> None:
-    """``run``'s frames (unwrapped, nm) as a DCD file, one frame per model step."""
+    """``run``'s frames (unwrapped, nm) as a DCD file: its first frame, then one per model
+    step."""
     from openmm import unit
 
     box = None if run.box is None else np.asarray(run.box) * unit.nanometer
@@ -333,15 +350,18 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
     if fine_ref is not None:
         fine[long_ref.label] = fine_ref
         fine[short_ref.label] = fine_ref[:short_frames]
+    max_lag = max(2, int(len(long_ref.positions) // 2))
+    observed = {label: [compute_observables(r, masses, groups, species, bonds, threshold, periodic, rdf_pairs,
+                                            max_acf_lag=max_lag) for r in replica_runs]
+                for label, replica_runs in runs.items()}
+    pooled = {label: pooled_replicas(obs) for label, obs in observed.items()}  # replicas the results use
+    results = {label: pool_observables(obs, step_ps) for label, obs in observed.items()}
+    if fine_ref is not None:
         for run_label, label in model_of_run.items():
-            predicted = [predicted_fine_rg2_series(models[label], cg_of[label], r.positions) for r in runs[run_label]]
+            predicted = [predicted_fine_rg2_series(models[label], cg_of[label], runs[run_label][i].positions)
+                         for i in pooled[run_label]]
             if all(p is not None for p in predicted):
                 fine[run_label] = np.concatenate(predicted)
-    max_lag = max(2, int(len(long_ref.positions) // 2))
-    results = {label: pool_observables([compute_observables(r, masses, groups, species, bonds, threshold, periodic,
-                                                            rdf_pairs, max_acf_lag=max_lag) for r in replica_runs],
-                                       step_ps)
-               for label, replica_runs in runs.items()}
 
     metrics: dict[str, Any] = {
         "system": record.name, "n_beads": int(mapping.n_beads), "n_atoms": int(mapping.n_atoms),
@@ -358,7 +378,7 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
         obs = results[label]
         run = replica_runs[0]
         entry: dict[str, Any] = {"duration_ps": max(r.duration_ps for r in replica_runs),
-                                 "frames": int(max(len(r.positions) for r in replica_runs))}
+                                 "frames": int(max(len(r.positions) for r in replica_runs))}  # per replica
         if label in wall:
             entry["replicas"] = len(replica_runs)
         if wall.get(label):
@@ -367,10 +387,12 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
             entry["wall_seconds"] = wall[label]
             entry["simulated_ns_per_day"] = simulated_ps / 1000 / wall[label] * 86400
             entry["steps_per_second"] = sum(len(r.positions) - 1 for r in replica_runs) / wall[label]
+        if label in wall:
+            entry["pooled_replicas"] = len(pooled[label])
         failed = [r for r in replica_runs if r.failure]
         if failed:
             entry["failed_at_step"], entry["failure"] = failed[0].failed_at_step, failed[0].failure
-            entry["failed_replicas"] = len(failed)
+            entry["failed_replicas"] = len(failed)  # a failure ends every replica of a batched call
         if notes.get(label):
             entry["warnings"] = notes[label]
         if obs.rg2 is not None:
@@ -395,7 +417,8 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
 
     # the plots see one run per label: its replicas' frames one after another (the
     # frame-wise panels use the pooled observables)
-    merged = [rs[0] if len(rs) == 1 else CGRun(label, np.concatenate([r.positions for r in rs]), step_ps, box)
+    merged = [rs[0] if len(rs) == 1 else
+              CGRun(label, np.concatenate([rs[i].positions for i in pooled[label]]), step_ps, box)
               for label, rs in runs.items()]
     _plot_system(record.name, merged, results, out_dir, periodic, masses, groups)
     return metrics
@@ -534,7 +557,8 @@ def write_report(all_metrics: list[dict], out_dir: Path, context: dict) -> Path:
                   f"reference {m['reference_ps']:g} ps; training trajectories {m['training_ps']:g} ps; "
                   f"rollouts {m['rollout_steps']} steps ({m['rollout_steps'] * m['step_ps']:g} ps)"
                   + (f", {m['replicas']} replicas each from start windows evenly spaced over the reference "
-                     "(observables pooled; speed counts all replicas)" if m.get("replicas", 1) > 1 else "")
+                     "(observables pooled over the replicas that ran the whole rollout; ± is the standard error "
+                     "of their means; speed counts all replicas)" if m.get("replicas", 1) > 1 else "")
                   + ".", "",
                   "| run | duration (ps) | <Rg²> (nm²) | ± | relaxation (ps) | JS vs ref | collisions/bead | speed (ns/day) "
                   "| fine <Rg²> (nm²) |",
@@ -556,8 +580,10 @@ def write_report(all_metrics: list[dict], out_dir: Path, context: dict) -> Path:
                           f"{_fmt(m['runs'].get('reference MD', {}).get('rg2_mean'))} nm²)."]
         if m.get("md_ns_per_day"):
             fastest = max((r.get("simulated_ns_per_day") or 0) for r in m["runs"].values())
+            together = " (all its replicas together)" if m.get("replicas", 1) > 1 else ""
             lines += ["", f"Reference MD of the fine system runs at {m['md_ns_per_day']:.3g} ns/day here; "
-                          f"the fastest learned run at {fastest:.3g} ns/day ({fastest / m['md_ns_per_day']:.3g}x)."]
+                          f"the fastest learned run at {fastest:.3g} ns/day{together} "
+                          f"({fastest / m['md_ns_per_day']:.3g}x)."]
         sysdir = m["system"]
         lines += [""] + [f"![{p}]({sysdir}/{p})" for p in ("rg2_hist.png", "rg2_acf.png", "fes_pca.png",
                                                            "collisions.png", "rdfs.png", "msd.png")
@@ -577,6 +603,7 @@ def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.
     check_rollout_factor(rollout_factor)
     check_seed(seed)
     check_replicas(replicas)
+    check_seed(seed + replicas - 1)  # periodic systems' replicas run with seeds seed, seed + 1, ...
     if not model_dirs:
         raise ValueError("no model to evaluate: give at least one exported model directory")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -587,6 +614,11 @@ def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.
     if not tests:
         raise ValueError(f"no held-out (split='test') trajectories in {data_dir}")
     models = {label: load_model(path) for label, path in model_dirs.items()}
+    first = next(iter(models.values()))
+    for directory in tests:  # before any work: every held-out reference has the start windows
+        n_frames = read_metadata(directory).get("n_frames")
+        if n_frames is not None:
+            check_start_windows(int(n_frames), first.seqLen, first.dilation, replicas, f"the reference {directory.name}")
     out_dir.mkdir(parents=True, exist_ok=True)
     sl = fit_sl_baseline(next(iter(models.values())), data_dir) if sl_baseline else None
     all_metrics = []

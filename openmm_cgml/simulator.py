@@ -422,7 +422,7 @@ class LearnedSimulator:
     def createIntegrator(self, cg: CGSystem, score: bool = True, deterministic: bool = False,
                          seed: int = 0, langevinSteps: int | None = None,
                          langevinStepSize: float | None = None, langevinSchedule: str | None = None,
-                         langevinLevels: int | None = None, exclusionDistance=None, bondLengthLimit=None):
+                         exclusionDistance=None, bondLengthLimit=None, langevinLevels: int | None = None):
         """A :class:`~openmm_cgml.CGMLIntegrator` for ``cg`` (bead features, CG bonds and
         periodicity set). ``score=False`` runs without refinement; ``exclusionDistance``
         and ``bondLengthLimit`` (nm or length Quantities; 0 turns them off) override the

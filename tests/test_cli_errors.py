@@ -167,6 +167,7 @@ def test_evaluate_refuses_bad_replica_counts(capsys, exported_tiny_model, chain_
                                              message):
     code, err = _evaluate(capsys, exported_tiny_model, chain_data_dir, tmp_path / "r", "--replicas", replicas)
     assert_error(code, err, "evaluate", message)
+    assert not (tmp_path / "r").exists()  # refused before any rollout
 
 
 def test_evaluate_missing_model_dir(capsys, chain_data_dir, tmp_path):

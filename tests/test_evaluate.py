@@ -65,6 +65,13 @@ def test_evaluate_writes_report_with_all_methods(exported_tiny_model, chain_data
         assert runs[label]["duration_ps"] == pytest.approx(system["rollout_steps"] * step_ps)
         assert runs[label]["duration_ps"] >= 2 * train_ps
         assert runs[label]["steps_per_second"] > 0 and runs[label]["rg2_mean"] > 0
+    # the rollout's frames are on disk: the start frame, then one per step
+    import mdtraj
+
+    learned_cg = LearnedSimulator.load(exported_tiny_model).coarseGrain(
+        load_trajectory(list_trajectories(chain_data_dir, split="test")[0]))
+    dcd = mdtraj.load_dcd(str(out / system["system"] / "tiny.dcd"), top=mdtraj.Topology.from_openmm(learned_cg.topology))
+    assert len(dcd) == system["rollout_steps"] + 1
     # short MD is the reference cut to the training length (here the held-out reference is
     # no longer than the training trajectories, so it is the whole reference)
     assert runs["short MD"]["duration_ps"] == pytest.approx(
@@ -148,7 +155,8 @@ def test_start_histories_are_evenly_spaced_windows():
     assert windows.shape == (4, 3, 2, 3)
     np.testing.assert_array_equal(windows[:, :, 0, 0], [[0, 2, 4], [5, 7, 9], [10, 12, 14], [15, 17, 19]])
     np.testing.assert_array_equal(evaluate.start_histories(reference, 3, 2, 1)[0, :, 0, 0], [0, 2, 4])
-    with pytest.raises(ValueError, match="17 replicas need 17 distinct start windows of 5 recorded frames"):
+    with pytest.raises(ValueError, match="17 replicas need 17 distinct start windows of 5 recorded frames, but the "
+                                         "reference has 20 frames"):
         evaluate.start_histories(reference, 3, 2, 17)
 
 
@@ -177,12 +185,15 @@ def test_pool_observables_pools_distributions_and_averages_lagged_quantities():
     np.testing.assert_allclose(pooled.msd["A"].msd, 2 * t)
     assert pooled.msd["A"].per_unit_slope.size == 12  # every replica's beads are independent units
     assert pooled.diffusion["A"].D == pytest.approx(2.0 / 6.0)
-    # a replica that failed early joins the distributions but not the lagged averages
+    # a replica that failed early is left out of every pooled observable
     short = evaluate.Observables(rg2=np.full(3, 9.0), acf=np.ones(2), collision=np.ones(3), rdfs={}, msd={})
+    assert evaluate.pooled_replicas(parts + [short]) == [0, 1, 2]
     pooled = evaluate.pool_observables(parts + [short], 2.0)
-    assert pooled.rg2.size == 39 and np.max(pooled.rg2) == 9.0
+    assert pooled.rg2.size == 36 and pooled.rg2_mean == pytest.approx(np.mean(means))
     np.testing.assert_allclose(pooled.collision, np.full(6, 0.1))
+    # one replica pooled: its own result, blocking error and all
     assert evaluate.pool_observables(parts[:1], 2.0) is parts[0]
+    assert evaluate.pool_observables([parts[0], short], 2.0) is parts[0]
 
 
 def test_evaluate_with_replicas(exported_tiny_model, chain_data_dir, tmp_path, monkeypatch):
@@ -223,7 +234,7 @@ def test_evaluate_with_replicas(exported_tiny_model, chain_data_dir, tmp_path, m
         np.testing.assert_allclose(histories, expected)
         assert not np.allclose(histories[0], histories[1])
     for label in learned_labels:
-        assert runs[label]["replicas"] == 3 and "failure" not in runs[label]
+        assert runs[label]["replicas"] == runs[label]["pooled_replicas"] == 3 and "failure" not in runs[label]
         assert runs[label]["frames"] == system["rollout_steps"] + 1
         assert runs[label]["steps_per_second"] == pytest.approx(3 * system["rollout_steps"]
                                                                 / runs[label]["wall_seconds"])
@@ -235,7 +246,7 @@ def test_evaluate_with_replicas(exported_tiny_model, chain_data_dir, tmp_path, m
     for r in range(3):
         frames = mdtraj.load_dcd(str(out / system["system"] / f"tiny_replica{r}.dcd"), top=mdtraj.Topology.from_openmm(
             cg.topology)).xyz
-        assert len(frames) == system["rollout_steps"] + 1
+        assert len(frames) == system["rollout_steps"] + 1  # the start frame, then one per step
         np.testing.assert_allclose(frames[0], expected[r, -1], atol=1e-4)
         series.append(evaluate.rg2_series(frames.astype(np.float64), cg.mapping.bead_masses, groups))
     assert runs["tiny"]["rg2_mean"] == pytest.approx(float(np.mean(np.concatenate(series))), rel=1e-4)

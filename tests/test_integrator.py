@@ -1003,6 +1003,10 @@ def test_langevin_levels_keep_the_smallest_sigmas(tmp_path):
         sim.step(1)
         factor = np.prod((1 - eps / s[3 - levels:] ** 2) ** steps)
         np.testing.assert_allclose(state_arrays(sim.context)[0], x0 * factor, rtol=1e-5, atol=1e-7)
+    # the levels kept are the last of the ladder, so the ladder must run largest first
+    with pytest.raises(ValueError, match="'sigmas' must be ordered largest first"):
+        CGMLIntegrator(dyn, save(SigmaScore(sigmas=(0.1, 0.4, 0.2), langevin_steps=steps, langevin_step_size=eps),
+                                 tmp_path / "ascending.pt"))
     for bad in (0, 4, -1):
         with pytest.raises(ValueError, match=r"Langevin levels must be in \[1, 3\]"):
             integrator.setLangevinLevels(bad)

@@ -221,6 +221,9 @@ LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& sc
         sigmas = ladder.toTensor().detach().to(torch::kFloat32).contiguous();
         if (sigmas.dim() != 1 || sigmas.numel() == 0 || !(sigmas > 0).all().item<bool>())
             throw std::invalid_argument("the score model's 'sigmas' must be a non-empty 1-D tensor of positive values");
+        // the annealing runs largest first, and a shortened ladder keeps the last (smallest) levels
+        if (sigmas.numel() > 1 && (sigmas.slice(0, 1) > sigmas.slice(0, 0, -1)).any().item<bool>())
+            throw std::invalid_argument("the score model's 'sigmas' must be ordered largest first");
         defaultLangevinSteps = requireInt(score, "score", "langevin_steps");
         defaultLangevinStepSize = requireDouble(score, "score", "langevin_step_size");
         if (score.hasattr("langevin_schedule")) {  // optional: absent means the constant schedule
