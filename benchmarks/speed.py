@@ -15,7 +15,7 @@ and the ratios learned / MD.
                the data, as packed (lower density: both MD and the learned step faster).
 
 Then the time per learned step against the number of beads (``--tiles``: the timed
-electrolyte frame tiled m x m x m, a real liquid at every size) shows how cost grows. The last line sums up, e.g.
+electrolyte frame tiled along its box vectors, a real liquid at every size) shows how cost grows. The last line sums up, e.g.
 ``speed: chain 352x MD (refined: no score model), electrolyte 14000x MD (refined: 700x)``.
 
     python benchmarks/speed.py [--systems chain electrolyte] [--seconds 3] [--threads 1]
@@ -89,37 +89,41 @@ def electrolyte_case(data_dir: Path):
     return learned, built, cg, f"electrolyte {spec.name}", (positions, box, state)
 
 
-def supercell(cg, m: int):
-    """``cg`` (a periodic CG system) tiled m x m x m: the same liquid, m^3 times the beads
-    (bead masses, features and CG bonds copied; the box m times larger)."""
+def supercell(cg, tiles):
+    """``cg`` (a periodic CG system) tiled (a, b, c) times along its box vectors (or
+    m x m x m for an int m): the same liquid, a b c times the beads (bead masses, features
+    and CG bonds copied)."""
     from openmm_cgml.simulator import CGSystem
 
     box = np.asarray(cg.box, dtype=np.float64)
     x = cg.positions.value_in_unit(unit.nanometer)
     n = cg.n_beads
-    shifts = np.array([i * box[0] + j * box[1] + k * box[2] for i in range(m) for j in range(m) for k in range(m)])
+    counts = (tiles,) * 3 if isinstance(tiles, int) else tuple(tiles)
+    shifts = np.array([i * box[0] + j * box[1] + k * box[2]
+                       for i in range(counts[0]) for j in range(counts[1]) for k in range(counts[2])])
     system, topology = openmm.System(), app.Topology()
     residue = topology.addResidue("CG", topology.addChain())
     for _ in range(len(shifts)):
         for i in range(n):
             system.addParticle(cg.system.getParticleMass(i))
             topology.addAtom("B", None, residue)
-    vectors = [openmm.Vec3(*(m * box[i])) for i in range(3)]
+    big = box * np.array(counts, dtype=np.float64)[:, None]
+    vectors = [openmm.Vec3(*big[i]) for i in range(3)]
     system.setDefaultPeriodicBoxVectors(*vectors)
     topology.setPeriodicBoxVectors(vectors * unit.nanometer)
     positions = (x[None] + shifts[:, None]).reshape(-1, 3)
     bonds = (np.asarray(cg.bonds)[None] + n * np.arange(len(shifts))[:, None, None]).reshape(-1, 2)
     return CGSystem(topology, system, positions * unit.nanometer, None, np.tile(cg.features, (len(shifts), 1)),
-                    bonds, True, m * box, cg.dilation, cg.seq_len)
+                    bonds, True, big, cg.dilation, cg.seq_len)
 
 
 def scaling(learned, cg, factors, seconds: float, threads: int, langevin: dict | None = None) -> None:
-    """Seconds per learned step against beads: ``cg``'s liquid tiled m x m x m for each m
+    """Seconds per learned step against beads: ``cg``'s liquid tiled for each entry
     of ``factors`` (the same local structure at every size, so the distance limits and
     the graph see a real liquid's neighbours)."""
     print("\ntime per learned step vs beads (shipped electrolyte model and settings; the timed frame "
-          "tiled m x m x m)")
-    print(f"{'m':>3} {'beads':>7} {'ms/step (no score)':>19} {'ms/step (refined)':>18} {'us/bead (no score)':>19} "
+          "tiled along its box vectors)")
+    print(f"{'tiles':>7} {'beads':>7} {'ms/step (no score)':>19} {'ms/step (refined)':>18} {'us/bead (no score)':>19} "
           f"{'us/bead (refined)':>18}")
     for m in factors:
         tiled = supercell(cg, m)
@@ -128,7 +132,15 @@ def scaling(learned, cg, factors, seconds: float, threads: int, langevin: dict |
             rate = learned_speed(learned, tiled, score, seconds, threads, langevin)
             row.append(learned.stepSize.value_in_unit(unit.picosecond) / rate * 1000)
         n = tiled.system.getNumParticles()
-        print(f"{m:>3} {n:>7} {row[0]:>19.4g} {row[1]:>18.4g} {row[0] / n * 1000:>19.4g} {row[1] / n * 1000:>18.4g}")
+        print(f"{'x'.join(map(str, m)) if isinstance(m, tuple) else m:>7} {n:>7} {row[0]:>19.4g} {row[1]:>18.4g} {row[0] / n * 1000:>19.4g} {row[1] / n * 1000:>18.4g}")
+
+
+def tiling(text: str):
+    """'m' -> m; 'AxBxC' -> (A, B, C)."""
+    parts = [int(p) for p in text.lower().split("x")]
+    if len(parts) not in (1, 3) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"tiles must be m or AxBxC with positive integers, got {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def main(argv=None) -> int:
@@ -137,9 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing per measurement")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--monomers", type=int, default=100)
-    parser.add_argument("--tiles", type=int, nargs="*", default=[1, 2, 4, 5],
-                        help="supercell factors m of the per-bead scaling (m^3 copies of the electrolyte box: "
-                             "122 / 976 / 7,808 / 15,250 beads); none to skip")
+    parser.add_argument("--tiles", type=tiling, nargs="*", default=[1, 2, 4, (4, 4, 5), 5],
+                        help="supercells of the per-bead scaling: m (m^3 copies of the electrolyte box) or AxBxC "
+                             "(default 1 2 4 4x4x5 5: 122 / 976 / 7,808 / 9,760 / 15,250 beads); none to skip")
     parser.add_argument("--langevin-steps", type=int, default=None,
                         help="Langevin steps per noise level of the refined runs (default: the model's)")
     parser.add_argument("--langevin-levels", type=int, default=None,
