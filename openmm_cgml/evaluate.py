@@ -193,6 +193,18 @@ def start_histories(reference: np.ndarray, seq_len: int, dilation: int, replicas
     return np.stack([reference[s: s + span: dilation] for s in starts]).astype(np.float64)
 
 
+def centre_drift_rms(frames: np.ndarray, masses: np.ndarray, dt_ps: float, duration_ps: float) -> float:
+    """Expected rms displacement (nm) of the mass-weighted centre of ``frames`` [F, N, 3]
+    over ``duration_ps``: its mean square displacement at half the trajectory's length,
+    extrapolated as diffusion."""
+    if len(frames) < 3:
+        return 0.0
+    centre = np.einsum("fnk,n->fk", np.asarray(frames, dtype=np.float64), masses) / masses.sum()
+    lag = len(centre) // 2
+    msd = float(np.mean(np.sum((centre[lag:] - centre[:-lag]) ** 2, axis=1)))
+    return float(np.sqrt(msd * duration_ps / (lag * dt_ps)))
+
+
 def check_start_windows(n_frames: int, seq_len: int, dilation: int, replicas: int, name: str = "the reference") -> int:
     """Refuse more replicas than ``n_frames`` recorded frames have distinct start windows;
     returns the window's span in recorded frames."""
@@ -324,6 +336,9 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
     threshold = analysis.collision_threshold(long_ref.positions, boxes=box, bonds=bonds)
     n_steps = int(math.ceil(rollout_factor * train_ps / step_ps))
     histories = start_histories(reference, seq_len, dilation, replicas)
+    # batched replicas are laid out far enough apart for the drift the reference shows
+    spacing = {} if periodic or replicas == 1 else {"drift": centre_drift_rms(
+        reference, masses, interval, n_steps * step_ps)}
 
     runs = {long_ref.label: [long_ref], short_ref.label: [short_ref]}  # label -> its replicas
     wall = {}  # label -> wall seconds of all its replicas
@@ -340,9 +355,9 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
             variants.append((plain, {"score": False, "limits": False}))
         for run_label, options in variants:
             stem = out_dir / label.replace(" ", "_") if run_label == label else None
-            runs[run_label], wall[run_label], notes[run_label] = learned_rollouts(learned, own, histories, n_steps, label=run_label,
-                                                                 seed=seed, progress=progress, dcd_stem=stem,
-                                                                 **options)
+            runs[run_label], wall[run_label], notes[run_label] = learned_rollouts(
+                learned, own, histories, n_steps, label=run_label, seed=seed, progress=progress, dcd_stem=stem,
+                **options, **spacing)
             model_of_run[run_label] = label
     # fine-level Rg^2: true (atoms) for the MD runs, the property head's for learned runs
     fine_ref = fine_rg2_series(record.positions[::dilation], mapping)

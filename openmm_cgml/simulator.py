@@ -506,14 +506,16 @@ class LearnedSimulator:
 
     def rollout_replicas(self, cg: CGSystem, histories, n_steps: int, *, score: bool = True, seed: int = 1,
                          limits: bool = True, platform: str = "CPU", progress: bool = False,
-                         spacing: float | None = None) -> list[CGRun]:
+                         spacing: float | None = None, drift: float = 0.0) -> list[CGRun]:
         """K independent rollouts of ``cg`` advanced together: one model call per step
         for all of them, as the paper batches many systems per GPU call.
 
         ``histories``: [K, T, N, 3] nm (K start histories, e.g. K reference windows, or
         one history repeated with K seeds' worth of noise). The K copies are laid out on
         a grid ``spacing`` nm apart (default: the largest history extent plus four model
-        cutoffs), so no graph edge or distance limit joins two replicas; a warning says
+        cutoffs plus 6 ``drift``, the expected rms displacement (nm) of a replica's centre
+        over the rollout: two replicas drifting 3 rms towards each other), so no graph
+        edge or distance limit joins two replicas; a warning says
         if replicas drifted within one cutoff of each other (their rollouts then
         interacted). Non-periodic systems only: a periodic system has one box and a
         replica's periodic image would be its neighbour. Returns one :class:`CGRun`
@@ -526,7 +528,7 @@ class LearnedSimulator:
             raise ValueError(f"histories must be [K, T, {cg.n_beads}, 3] nm, got shape {histories.shape}")
         k, cutoff = histories.shape[0], float(self.manifest.get("model_config", {}).get("cutoff", 1.0))
         extent = float(np.max(histories.max(axis=2) - histories.min(axis=2))) if cg.n_beads else 0.0
-        spacing = extent + 4 * cutoff if spacing is None else float(spacing)
+        spacing = extent + 4 * cutoff + 6 * float(drift) if spacing is None else float(spacing)
         replicated, offsets = cg.replicate(k, spacing)
         stacked = (histories + offsets[:, None, None]).transpose(1, 0, 2, 3).reshape(histories.shape[1], -1, 3)
         run = self.rollout(replicated, stacked, n_steps, score=score, seed=seed, limits=limits,

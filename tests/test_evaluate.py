@@ -160,6 +160,17 @@ def test_start_histories_are_evenly_spaced_windows():
         evaluate.start_histories(reference, 3, 2, 17)
 
 
+def test_centre_drift_extrapolates_the_reference_centre_motion():
+    # the centre moves 1 nm per frame along x: at half of 11 frames (lag 5) the msd is 25
+    # nm^2, and 20 ps extrapolated diffusively from 5 ps gives sqrt(25 * 20 / 5) = 10 nm
+    frames = np.zeros((11, 3, 3))
+    frames[:, :, 0] = np.arange(11)[:, None]
+    frames[:, 1, 1] = 2.0  # a fixed shape around the moving centre
+    masses = np.array([1.0, 2.0, 3.0])
+    assert evaluate.centre_drift_rms(frames, masses, dt_ps=1.0, duration_ps=20.0) == pytest.approx(10.0)
+    assert evaluate.centre_drift_rms(frames[:, :, :] * 0, masses, 1.0, 20.0) == 0.0
+
+
 def test_pool_observables_pools_distributions_and_averages_lagged_quantities():
     from openmm_cgml import analysis
 
