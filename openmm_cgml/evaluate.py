@@ -297,14 +297,15 @@ def _js(a, b):
 def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: float, rollout_factor: float,
                     out_dir: Path, *, seed: int = 1, progress: bool = True, sl_prediction: float | None = None,
                     ablation_model: str | None = None, measure_md: bool = True, cg=None,
-                    replicas: int = 1) -> dict:
+                    replicas: int = 1, langevin: dict[str, Any] | None = None) -> dict:
     """Evaluate every model on one held-out system; write its plots; return its metrics.
     ``cg``: the system coarse-grained by the first model, if already computed. Every
     model runs on its own coarse-graining (its embedding GNN makes its bead features);
     the models must share the CG mapping, which the observables are computed on.
     ``replicas``: K rollouts per learned run, from K start windows evenly spaced over
     the reference (:func:`learned_rollouts`), their observables pooled
-    (:func:`pool_observables`)."""
+    (:func:`pool_observables`). ``langevin``: refinement settings of the refined runs
+    (``LearnedSimulator.rollout``'s, e.g. ``{"langevinLevels": 3, "langevinSteps": 3}``)."""
     check_replicas(replicas)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(models.values()))
@@ -346,7 +347,8 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
     model_of_run = {}  # run label -> the label of the model that made it
     for label, learned in models.items():
         own = cg_of[label]
-        variants = [(label, {})]
+        # the refinement settings apply to models that refine
+        variants = [(label, {"langevin": langevin} if langevin and learned.scorePath is not None else {})]
         if label == ablation_model and learned.scorePath is not None:
             variants.append((f"{label} (no score)", {"score": False}))
         if label == ablation_model and (learned.manifest.get("exclusion_distance_nm", 0.0) > 0
@@ -612,7 +614,7 @@ def write_report(all_metrics: list[dict], out_dir: Path, context: dict) -> Path:
 def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.PathLike,
                    out_dir: str | os.PathLike, *, rollout_factor: float = 10.0, seed: int = 1,
                    sl_baseline: bool = True, progress: bool = True, measure_md: bool = True,
-                   replicas: int = 1) -> Path:
+                   replicas: int = 1, langevin: dict[str, Any] | None = None) -> Path:
     """Evaluate the models on every held-out (split="test") system of ``data_dir``;
     ``replicas``: rollouts per learned run (see :func:`evaluate_system`)."""
     check_rollout_factor(rollout_factor)
@@ -629,6 +631,7 @@ def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.
     if not tests:
         raise ValueError(f"no held-out (split='test') trajectories in {data_dir}")
     models = {label: load_model(path) for label, path in model_dirs.items()}
+    check_langevin(models, langevin or {})
     first = next(iter(models.values()))
     for directory in tests:  # before any work: every held-out reference has the start windows
         n_frames = read_metadata(directory).get("n_frames")
@@ -651,9 +654,10 @@ def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.
         all_metrics.append(evaluate_system(record, models, train_ps, rollout_factor, out_dir / record.name,
                                            seed=seed, progress=progress, sl_prediction=prediction,
                                            ablation_model=next(iter(models)), measure_md=measure_md, cg=cg,
-                                           replicas=replicas))
+                                           replicas=replicas, langevin=langevin))
     context = {"data": str(data_dir), "models": {k: str(v) for k, v in model_dirs.items()},
                "rollout_factor": rollout_factor, "replicas": replicas, "training_trajectory_ps": train_ps,
+               **({"refinement": langevin} if langevin else {}),
                "held_out_systems": len(all_metrics)}
     return write_report(all_metrics, out_dir, context)
 
@@ -664,6 +668,18 @@ def check_rollout_factor(value) -> float:
         raise ValueError(f"rollout factor must be a positive number (rollout length in units of the "
                          f"training-trajectory length), got {value!r}")
     return float(value)
+
+
+def check_langevin(models: dict[str, Any], langevin: dict[str, Any]) -> None:
+    """Refuse refinement settings the models with a score model cannot run, before any work."""
+    steps, levels = langevin.get("langevinSteps"), langevin.get("langevinLevels")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"Langevin steps must be an integer >= 0, got {steps!r}")
+    for label, learned in models.items():
+        ladder = len(learned.manifest.get("sigmas_nm") or [])
+        if levels is not None and learned.scorePath is not None and not 1 <= levels <= ladder:
+            raise ValueError(f"Langevin levels must be in [1, {ladder}] (model {label!r}'s noise ladder), "
+                             f"got {levels!r}")
 
 
 def check_replicas(value) -> int:
@@ -727,7 +743,9 @@ def _run_evaluate(args) -> int:
         models[label] = path
     report = run_evaluation(models, args.data, args.out, rollout_factor=args.rollout_factor, seed=args.seed,
                             sl_baseline=not args.no_sl, progress=not args.no_progress,
-                            measure_md=not args.no_md_timing, replicas=args.replicas)
+                            measure_md=not args.no_md_timing, replicas=args.replicas,
+                            langevin={k: v for k, v in (("langevinSteps", args.langevin_steps),
+                                                        ("langevinLevels", args.langevin_levels)) if v is not None})
     print(f"report: {report}")
     return 0
 
@@ -745,6 +763,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--replicas", type=int, default=1,
                    help="rollouts per learned run, from start windows evenly spaced over the reference; "
                         "advanced together in one integrator call for non-periodic systems (default 1)")
+    p.add_argument("--langevin-steps", type=int, default=None,
+                   help="Langevin steps per noise level of the refined runs (default: each model's)")
+    p.add_argument("--langevin-levels", type=int, default=None,
+                   help="refine over the N smallest noise levels only (default: each model's whole ladder)")
     p.add_argument("--no-sl", action="store_true", help="skip the supervised GNN baseline")
     p.add_argument("--no-md-timing", action="store_true", help="skip timing the reference MD")
     p.add_argument("--no-progress", action="store_true")

@@ -506,7 +506,8 @@ class LearnedSimulator:
 
     def rollout_replicas(self, cg: CGSystem, histories, n_steps: int, *, score: bool = True, seed: int = 1,
                          limits: bool = True, platform: str = "CPU", progress: bool = False,
-                         spacing: float | None = None, drift: float = 0.0) -> list[CGRun]:
+                         spacing: float | None = None, drift: float = 0.0,
+                         langevin: dict[str, Any] | None = None) -> list[CGRun]:
         """K independent rollouts of ``cg`` advanced together: one model call per step
         for all of them, as the paper batches many systems per GPU call.
 
@@ -517,7 +518,7 @@ class LearnedSimulator:
         over the rollout: two replicas drifting 3 rms towards each other), so no graph
         edge or distance limit joins two replicas; a warning says
         if replicas drifted within one cutoff of each other (their rollouts then
-        interacted). Non-periodic systems only: a periodic system has one box and a
+        interacted). ``langevin``: as in :meth:`rollout`. Non-periodic systems only: a periodic system has one box and a
         replica's periodic image would be its neighbour. Returns one :class:`CGRun`
         per replica (positions in the replica's own frame).
         """
@@ -532,7 +533,7 @@ class LearnedSimulator:
         replicated, offsets = cg.replicate(k, spacing)
         stacked = (histories + offsets[:, None, None]).transpose(1, 0, 2, 3).reshape(histories.shape[1], -1, 3)
         run = self.rollout(replicated, stacked, n_steps, score=score, seed=seed, limits=limits,
-                           label=f"{k} replicas", platform=platform, progress=progress)
+                           label=f"{k} replicas", platform=platform, progress=progress, langevin=langevin)
         frames = run.positions.astype(np.float64).reshape(len(run.positions), k, cg.n_beads, 3)
         low, high = frames.min(axis=2), frames.max(axis=2)  # [F, K, 3] bounding boxes
         gap = np.maximum(low[:, :, None] - high[:, None], low[:, None] - high[:, :, None]).max(axis=-1)  # [F,K,K]

@@ -170,6 +170,18 @@ def test_evaluate_refuses_bad_replica_counts(capsys, exported_tiny_model, chain_
     assert not (tmp_path / "r").exists()  # refused before any rollout
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--langevin-levels", "99", "Langevin levels must be in [1, "),
+    ("--langevin-levels", "0", "Langevin levels must be in [1, "),
+    ("--langevin-steps", "-1", "Langevin steps must be an integer >= 0, got -1"),
+])
+def test_evaluate_refuses_bad_refinement_settings(capsys, exported_tiny_model, chain_data_dir, tmp_path, option,
+                                                  value, message):
+    code, err = _evaluate(capsys, exported_tiny_model, chain_data_dir, tmp_path / "r", option, value)
+    assert_error(code, err, "evaluate", message)
+    assert not (tmp_path / "r").exists()
+
+
 def test_evaluate_missing_model_dir(capsys, chain_data_dir, tmp_path):
     code, err = _evaluate(capsys, tmp_path / "nomodel", chain_data_dir, tmp_path / "r")
     assert_error(code, err, "evaluate", f"model directory {tmp_path / 'nomodel'} does not exist")

@@ -264,6 +264,29 @@ def test_evaluate_with_replicas(exported_tiny_model, chain_data_dir, tmp_path, m
     assert "3 replicas each" in (out / "report.md").read_text()
 
 
+def test_evaluate_refinement_settings_reach_the_refined_runs(exported_tiny_model, chain_data_dir, tmp_path,
+                                                             monkeypatch):
+    """--langevin-levels / --langevin-steps set the refined runs' integrators (batched
+    replicas too), not the ablations without refinement, and are recorded."""
+    created = []
+    original = LearnedSimulator.createIntegrator
+
+    def spy(self, cg, score=True, **kwargs):
+        created.append((score, kwargs.get("langevinLevels"), kwargs.get("langevinSteps")))
+        return original(self, cg, score=score, **kwargs)
+
+    monkeypatch.setattr(LearnedSimulator, "createIntegrator", spy)
+    out = tmp_path / "report"
+    assert cgml(["evaluate", "--model", f"tiny={exported_tiny_model}", "--data", str(chain_data_dir),
+                 "--out", str(out), "--rollout-factor", "0.2", "--replicas", "2", "--langevin-levels", "1",
+                 "--langevin-steps", "3", "--no-progress", "--no-sl", "--no-md-timing"]) == 0
+    assert (True, 1, 3) in created
+    assert all(levels is None and steps is None for score, levels, steps in created if not score)
+    assert all((levels, steps) == (1, 3) for score, levels, steps in created if score)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["context"]["refinement"] == {"langevinSteps": 3, "langevinLevels": 1}
+
+
 def test_summary_errors():
     systems = [{"runs": {"reference MD": {"rg2_mean": 2.0, "relaxation_ps_integral": 10.0},
                          "a": {"rg2_mean": 3.0, "relaxation_ps_integral": 12.0, "rg2_js_vs_reference": 0.1}}},
