@@ -44,13 +44,13 @@ class ScoreNet(nn.Module):
 
 
 def per_call_ms(fn, seconds: float) -> float:
+    """Milliseconds per call of ``fn`` (after 5 warm-up calls), by the project's timing loop."""
+    from openmm_cgml.runtime import timed
+
     for _ in range(5):
         fn()
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn()
-        calls += 1
-    return (time.perf_counter() - start) / calls * 1000
+    calls, wall = timed(lambda n: [fn() for _ in range(n)], seconds)
+    return wall / calls * 1000
 
 
 def main(argv=None) -> int:

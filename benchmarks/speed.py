@@ -37,6 +37,7 @@ import torch
 from openmm import app, unit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bead_box import bead_system  # noqa: E402
 from held_out_chain import held_out_chain  # noqa: E402
 
 
@@ -101,16 +102,9 @@ def supercell(cg, tiles):
     counts = (tiles,) * 3 if isinstance(tiles, int) else tuple(tiles)
     shifts = np.array([i * box[0] + j * box[1] + k * box[2]
                        for i in range(counts[0]) for j in range(counts[1]) for k in range(counts[2])])
-    system, topology = openmm.System(), app.Topology()
-    residue = topology.addResidue("CG", topology.addChain())
-    for _ in range(len(shifts)):
-        for i in range(n):
-            system.addParticle(cg.system.getParticleMass(i))
-            topology.addAtom("B", None, residue)
     big = box * np.array(counts, dtype=np.float64)[:, None]
-    vectors = [openmm.Vec3(*big[i]) for i in range(3)]
-    system.setDefaultPeriodicBoxVectors(*vectors)
-    topology.setPeriodicBoxVectors(vectors * unit.nanometer)
+    masses = [cg.system.getParticleMass(i) for i in range(n)] * len(shifts)
+    topology, system = bead_system(masses, big)
     positions = (x[None] + shifts[:, None]).reshape(-1, 3)
     bonds = (np.asarray(cg.bonds)[None] + n * np.arange(len(shifts))[:, None, None]).reshape(-1, 2)
     return CGSystem(topology, system, positions * unit.nanometer, None, np.tile(cg.features, (len(shifts), 1)),
@@ -163,14 +157,11 @@ def main(argv=None) -> int:
                         help="electrolyte data (make electrolyte-data): its held-out trajectory's last frame is timed")
     args = parser.parse_args(argv)
 
+    from openmm_cgml.evaluate import refinement_settings
     from openmm_cgml.generate import md_speed
 
-    shipped = {k: v for k, v in (("langevinSteps", args.langevin_steps), ("langevinLevels", args.langevin_levels))
-               if v is not None}
-    fast = None
-    if args.fast != "none":
-        steps, levels = (int(v) for v in args.fast.split(":"))
-        fast = {"langevinSteps": steps, "langevinLevels": levels}
+    shipped = refinement_settings(args.langevin_steps, args.langevin_levels)
+    fast = refinement_settings(*(int(v) for v in args.fast.split(":"))) if args.fast != "none" else None
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s) for MD (OpenMM CPU platform) and for the learned simulator; "
           "simulated ps per wall-clock second\n")

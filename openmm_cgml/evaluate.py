@@ -165,7 +165,7 @@ def pool_observables(observations: Sequence[Observables], dt_ps: float) -> Obser
         out.rg2 = np.concatenate(series)
         out.rg2_mean = float(out.rg2.mean())
         means = np.array([s.mean() for s in series])
-        out.rg2_sem = float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else full[0].rg2_sem
+        out.rg2_sem = float(means.std(ddof=1) / np.sqrt(len(means)))
         acfs = [o.acf for o in full if o.acf is not None]
         if acfs:
             out.acf = np.mean([a[: min(map(len, acfs))] for a in acfs], axis=0)
@@ -638,11 +638,11 @@ def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.
         if n_frames is not None:
             check_start_windows(int(n_frames), first.seqLen, first.dilation, replicas, f"the reference {directory.name}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    sl = fit_sl_baseline(next(iter(models.values())), data_dir) if sl_baseline else None
+    sl = fit_sl_baseline(first, data_dir) if sl_baseline else None
     all_metrics = []
     for directory in tqdm(tests, desc="held-out systems", disable=not progress):
         record = load_trajectory(directory)
-        cg = next(iter(models.values())).coarseGrain(record)
+        cg = first.coarseGrain(record)
         prediction = None
         if sl is not None:
             from openmm_cgml.baselines import FineGraph
@@ -668,6 +668,12 @@ def check_rollout_factor(value) -> float:
         raise ValueError(f"rollout factor must be a positive number (rollout length in units of the "
                          f"training-trajectory length), got {value!r}")
     return float(value)
+
+
+def refinement_settings(langevin_steps: int | None = None, langevin_levels: int | None = None) -> dict[str, int]:
+    """The refinement overrides that are set, as ``LearnedSimulator.rollout``'s ``langevin``."""
+    return {key: value for key, value in (("langevinSteps", langevin_steps), ("langevinLevels", langevin_levels))
+            if value is not None}
 
 
 def check_langevin(models: dict[str, Any], langevin: dict[str, Any]) -> None:
@@ -744,8 +750,7 @@ def _run_evaluate(args) -> int:
     report = run_evaluation(models, args.data, args.out, rollout_factor=args.rollout_factor, seed=args.seed,
                             sl_baseline=not args.no_sl, progress=not args.no_progress,
                             measure_md=not args.no_md_timing, replicas=args.replicas,
-                            langevin={k: v for k, v in (("langevinSteps", args.langevin_steps),
-                                                        ("langevinLevels", args.langevin_levels)) if v is not None})
+                            langevin=refinement_settings(args.langevin_steps, args.langevin_levels))
     print(f"report: {report}")
     return 0
 

@@ -868,6 +868,15 @@ def test_step_of_each_level_scales_as_sigma_squared_under_ncsn(tmp_path, schedul
         np.testing.assert_allclose(expected / expected[-1], (np.asarray(sigmas) / sigmas[-1]) ** 2, rtol=1e-6)
 
 
+def assert_one_step_scales_positions(integrator, factor):
+    """One deterministic step of 5 beads multiplies every position by ``factor``."""
+    integrator.setDeterministic(True)
+    sim = simulation(integrator, n=5)
+    x0, _ = state_arrays(sim.context)
+    sim.step(1)
+    np.testing.assert_allclose(state_arrays(sim.context)[0], x0 * factor, rtol=1e-5, atol=1e-7)
+
+
 def test_ncsn_contraction_of_a_sigma_score_is_the_same_at_every_level(tmp_path):
     # score -x / sigma_i^2: under NCSN each Langevin step multiplies x by 1 - eps / sigma_L^2 at
     # every level (x_final = x0 (1 - eps/sigma_L^2)^(K L)); constant: prod_i (1 - eps/sigma_i^2)^K
@@ -880,11 +889,7 @@ def test_ncsn_contraction_of_a_sigma_score_is_the_same_at_every_level(tmp_path):
     for schedule, factor in factors.items():
         integrator = CGMLIntegrator(dyn, score)
         integrator.setLangevinSchedule(schedule)
-        integrator.setDeterministic(True)
-        sim = simulation(integrator, n=5)
-        x0, _ = state_arrays(sim.context)
-        sim.step(1)
-        np.testing.assert_allclose(state_arrays(sim.context)[0], x0 * factor, rtol=1e-5, atol=1e-7)
+        assert_one_step_scales_positions(integrator, factor)
 
 
 def test_ncsn_score_refinement_samples_langevin_stationary_distribution(tmp_path):
@@ -997,12 +1002,7 @@ def test_langevin_levels_keep_the_smallest_sigmas(tmp_path):
     for levels in (3, 2, 1):
         integrator = CGMLIntegrator(dyn, score)
         integrator.setLangevinLevels(levels)
-        integrator.setDeterministic(True)
-        sim = simulation(integrator, n=5)
-        x0, _ = state_arrays(sim.context)
-        sim.step(1)
-        factor = np.prod((1 - eps / s[3 - levels:] ** 2) ** steps)
-        np.testing.assert_allclose(state_arrays(sim.context)[0], x0 * factor, rtol=1e-5, atol=1e-7)
+        assert_one_step_scales_positions(integrator, np.prod((1 - eps / s[3 - levels:] ** 2) ** steps))
     # the levels kept are the last of the ladder, so the ladder must run largest first
     with pytest.raises(ValueError, match="'sigmas' must be ordered largest first"):
         CGMLIntegrator(dyn, save(SigmaScore(sigmas=(0.1, 0.4, 0.2), langevin_steps=steps, langevin_step_size=eps),
