@@ -13,8 +13,9 @@ types; dynamic bead and edge counts) and compares, on the held-out electrolyte b
   eager net          the PyTorch module's network on the prebuilt graph
   aoti net           the AOTInductor package of that network, loaded in this process
 
-and checks that every route gives the same score. It does not change the shipped
-models or the integrator: it measures what the route would buy.
+and checks that every route gives the same score. The integrator's compiled route
+(``createIntegrator(compiled=True)``, :mod:`openmm_cgml.compiled`) is this package,
+compiled for the system at hand; ``speed.py`` times it in the integrator.
 
     python benchmarks/export_formats.py [--model DIR] [--data DIR] [--threads 1] [--seconds 2]
 """
@@ -27,20 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
-
-class ScoreNet(nn.Module):
-    """The score network on a given graph: what the contract's score module computes
-    after building its graph."""
-
-    def __init__(self, score):
-        super().__init__()
-        self.score = score
-
-    def forward(self, latent, features, sigma, senders, receivers, edge_vec, edge_type):
-        conditions = self.score.conditions(features, sigma)
-        return self.score.predict(latent, conditions, senders, receivers, edge_vec, edge_type) / sigma
 
 
 def per_call_ms(fn, seconds: float) -> float:
@@ -61,6 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args(argv)
 
+    from openmm_cgml.compiled import ScoreOnGraph
     from openmm_cgml.models import ModelConfig, build_score_model
     from openmm_cgml.models.graph import build_graph
     from openmm_cgml.simulator import LearnedSimulator
@@ -89,7 +77,7 @@ def main(argv=None) -> int:
         graph = build_graph(x, box, bonds, cutoff, "all_pairs")
         senders, receivers, edge_vec, edge_type = graph
         net_inputs = (latent, features, sigma, senders, receivers, edge_vec, edge_type)
-        net = ScoreNet(eager).eval()
+        net = ScoreOnGraph(eager).eval()
         reference = scripted(x, latent, box, features, bonds, sigma)
         print(f"{record.name}: {cg.n_beads} beads, {senders.numel()} edges; {args.threads} thread(s)")
         rows = {

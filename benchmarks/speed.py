@@ -20,8 +20,11 @@ electrolyte frame tiled along its box vectors, a real liquid at every size) show
 
     python benchmarks/speed.py [--systems chain electrolyte] [--seconds 3] [--threads 1]
                                [--monomers 100] [--tiles 1 2 4 5] [--data DIR]
-                               [--langevin-steps K] [--langevin-levels L] [--fast K:LEVELS]
+                               [--langevin-steps K] [--langevin-levels L] [--fast K:LEVELS] [--no-compiled]
 
+The refined electrolyte is also timed with its score network compiled for this CPU
+(``createIntegrator(compiled=True)``, :mod:`openmm_cgml.compiled`; compiled before the
+timing, ~15 s the first time; ``--no-compiled`` skips it).
 ``--fast K:LEVELS`` (default 3:3) also times a cheaper refinement, K Langevin steps on
 the LEVELS smallest noise levels (``CGMLIntegrator.setLangevinLevels``), in the same run.
 """
@@ -41,12 +44,15 @@ from bead_box import bead_system  # noqa: E402
 from held_out_chain import held_out_chain  # noqa: E402
 
 
-def learned_speed(learned, cg, score: bool, seconds: float, threads: int, langevin: dict | None = None) -> float:
+def learned_speed(learned, cg, score: bool, seconds: float, threads: int, langevin: dict | None = None,
+                  compiled: bool = False) -> float:
     """Simulated ps per wall-clock second of ``learned`` on ``cg``; ``langevin``: overrides
-    of the refinement settings (createIntegrator's langevin* arguments)."""
+    of the refinement settings (createIntegrator's langevin* arguments); ``compiled``: the
+    score network compiled for this CPU (compiled before the timing starts)."""
     from openmm_cgml.runtime import timed
 
-    integrator = learned.createIntegrator(cg, score=score, seed=1, **(langevin or {} if score else {}))
+    integrator = learned.createIntegrator(cg, score=score, seed=1, compiled=compiled,
+                                          **(langevin or {} if score else {}))
     integrator.setNumThreads(threads)
     simulation = app.Simulation(cg.topology, cg.system, integrator, openmm.Platform.getPlatformByName("CPU"),
                                 {"Threads": str(threads)})
@@ -153,6 +159,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fast", default="3:3", metavar="K:LEVELS",
                         help="also time this cheaper refinement: K Langevin steps on the LEVELS smallest noise "
                              "levels (default 3:3; 'none' to skip)")
+    parser.add_argument("--no-compiled", action="store_true",
+                        help="skip the refined run with the compiled score network (openmm_cgml.compiled)")
     parser.add_argument("--data", default="data/electrolyte-pretrain",
                         help="electrolyte data (make electrolyte-data): its held-out trajectory's last frame is timed")
     args = parser.parse_args(argv)
@@ -166,7 +174,8 @@ def main(argv=None) -> int:
     print(f"{args.threads} thread(s) for MD (OpenMM CPU platform) and for the learned simulator; "
           "simulated ps per wall-clock second\n")
     print(f"{'system':<44} {'atoms':>6} {'beads':>6} {'MD ps/s':>9} {'refined ps/s':>13} {'no-score ps/s':>14} "
-          f"{'refined/MD':>11} {'no-score/MD':>12}" + (f" {'fast ' + args.fast + '/MD':>13}" if fast else ""))
+          f"{'refined/MD':>11} {'no-score/MD':>12}" + ("" if args.no_compiled else f" {'compiled/MD':>12}")
+          + (f" {'fast ' + args.fast + '/MD':>13}" if fast else ""))
     summary, states, electrolyte = [], [], None
     for kind in args.systems:
         learned, built, cg, label, (positions, box, state) = (
@@ -176,12 +185,16 @@ def main(argv=None) -> int:
         bare = learned_speed(learned, cg, False, args.seconds, args.threads)
         refined = learned_speed(learned, cg, True, args.seconds, args.threads, shipped) if learned.scorePath else None
         quick = learned_speed(learned, cg, True, args.seconds, args.threads, fast) if learned.scorePath and fast else None
+        fused = (learned_speed(learned, cg, True, args.seconds, args.threads, shipped, compiled=True)
+                 if learned.scorePath and not args.no_compiled else None)
         print(f"{label:<44} {built.system.getNumParticles():>6} {cg.n_beads:>6} {md:>9.3g} "
               f"{refined if refined else float('nan'):>13.3g} {bare:>14.3g} "
               f"{(refined / md) if refined else float('nan'):>11.3g} {bare / md:>12.3g}"
+              + ("" if args.no_compiled else f" {(fused / md) if fused else float('nan'):>12.3g}")
               + (f" {(quick / md) if quick else float('nan'):>13.3g}" if fast else ""))
         summary.append(f"{kind} {bare / md:.0f}x MD (refined: "
-                       + (f"{refined / md:.0f}x" + (f"; fast {args.fast}: {quick / md:.0f}x" if quick else "") + ")"
+                       + (f"{refined / md:.0f}x" + (f"; compiled: {fused / md:.0f}x" if fused else "")
+                          + (f"; fast {args.fast}: {quick / md:.0f}x" if quick else "") + ")"
                           if refined else "no score model)"))
         if kind == "electrolyte":
             electrolyte = (learned, cg)

@@ -129,6 +129,8 @@ PYBIND11_MODULE(_cgml, m) {
         .def("getBondLimitCorrections", &CGMLIntegrator::getBondLimitCorrections)
         .def("getNumThreads", &CGMLIntegrator::getNumThreads)
         .def("setNumThreads", &CGMLIntegrator::setNumThreads)
+        .def("getCompiledScoreModel", &CGMLIntegrator::getCompiledScoreModel)
+        .def("setCompiledScoreModel", &CGMLIntegrator::setCompiledScoreModel)
         .def("getPeriodicMode", &CGMLIntegrator::getPeriodicMode)
         .def("setPeriodicMode", &CGMLIntegrator::setPeriodicMode)
         .def("serialize",

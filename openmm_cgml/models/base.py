@@ -35,10 +35,7 @@ class GraphBuilder(nn.Module):
         self.all_pairs_max_n = int(all_pairs_max_n)
 
     def forward(self, pos: Tensor, box: Tensor, bonds: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        method = self.method
-        if method == "auto":
-            method = "all_pairs" if pos.size(0) <= self.all_pairs_max_n else "cell_list"
-        return build_graph(pos, box, bonds, self.cutoff, method)
+        return build_graph(pos, box, bonds, self.cutoff, self.method, self.all_pairs_max_n)
 
     @torch.jit.unused
     def batched(self, pos: Tensor, boxes: Tensor, bonds: Tensor, batch: Tensor):
@@ -248,6 +245,18 @@ class ScoreBase(nn.Module):
         if sigma.numel() != 1:
             raise ValueError("sigma must be a single value")
         senders, receivers, edge_vec, edge_type = self.graph(x, box, bonds)
+        return self.score_on_graph(latent, features, sigma, senders, receivers, edge_vec, edge_type)
+
+    @torch.jit.export
+    def build_graph(self, x: Tensor, box: Tensor, bonds: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The graph ``forward`` builds: (senders, receivers, edge_vec, edge_type). With
+        ``score_on_graph`` it splits a call in two, so the network can be compiled alone
+        (the compiled route of docs/contract.md)."""
+        return self.graph(x, box, bonds)
+
+    def score_on_graph(self, latent: Tensor, features: Tensor, sigma: Tensor, senders: Tensor, receivers: Tensor,
+                       edge_vec: Tensor, edge_type: Tensor) -> Tensor:
+        """``forward`` after its graph: GNN(x, sigma) / sigma on a prebuilt graph."""
         out = self.predict(latent, self.conditions(features, sigma.reshape(())), senders, receivers, edge_vec,
                            edge_type)
         return out / sigma.reshape(())

@@ -238,6 +238,14 @@ void CGMLIntegrator::setBondLengthLimit(double limit) {
     bondLengthLimit = limit;
 }
 
+void CGMLIntegrator::setCompiledScoreModel(const std::string& packagePath) {
+    learnedStep->setCompiledScore(packagePath);
+}
+
+const std::string& CGMLIntegrator::getCompiledScoreModel() const {
+    return learnedStep->getCompiledScorePath();
+}
+
 void CGMLIntegrator::setNumThreads(int threads) {
     if (threads < 0)
         throw std::invalid_argument("the number of threads must be >= 0 (0: libtorch's default)");

@@ -1,4 +1,5 @@
 #include "openmm_cgml/internal/LearnedStep.h"
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include "openmm/OpenMMException.h"
 #include "openmm/Vec3.h"
 #include "openmm/reference/ReferenceNeighborList.h"
@@ -359,15 +360,56 @@ torch::Tensor LearnedStep::runDynamics(const torch::Tensor& history32, const tor
     return mean;
 }
 
+LearnedStep::~LearnedStep() = default;
+
+void LearnedStep::setCompiledScore(const std::string& packagePath) {
+    if (packagePath.empty()) {
+        compiledScore.reset();
+        compiledScorePath.clear();
+        return;
+    }
+    if (!hasScore)
+        throw std::invalid_argument("a compiled score network needs a score model");
+    if (!score.find_method("build_graph"))
+        throw std::invalid_argument("the score model has no build_graph method (exported before the compiled route "
+                                    "existed): export it again with `cgml export`");
+    std::shared_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+    try {
+        loader = std::make_shared<torch::inductor::AOTIModelPackageLoader>(packagePath, "model", true);
+    }
+    catch (const std::exception& e) {
+        const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
+        throw std::invalid_argument("cannot load the compiled score network '" + packagePath +
+                                    "': " + (ce ? ce->what_without_backtrace() : e.what()));
+    }
+    compiledScore = loader;
+    compiledScorePath = packagePath;
+}
+
 torch::Tensor LearnedStep::runScore(const torch::Tensor& x, const torch::Tensor& latent, const torch::Tensor& box,
                                     const torch::Tensor& sigma, long long stepNumber) {
     torch::IValue output;
     try {
-        output = score.forward({x.to(torch::kFloat32), latent, box, features, bonds, sigma});
+        if (compiledScore) {
+            // the graph by the archive (data-dependent), the network by the package
+            auto graph = score.get_method("build_graph")({x.to(torch::kFloat32), box, bonds}).toTuple();
+            const auto& g = graph->elements();
+            std::vector<torch::Tensor> inputs = {latent.contiguous(), features, sigma,
+                                                 g[0].toTensor(), g[1].toTensor(), g[2].toTensor(), g[3].toTensor()};
+            std::vector<torch::Tensor> result = compiledScore->run(inputs);
+            if (result.size() != 1)
+                throw std::runtime_error("the compiled score network returned " + std::to_string(result.size()) +
+                                         " tensors, not 1");
+            output = result[0];
+        }
+        else
+            output = score.forward({x.to(torch::kFloat32), latent, box, features, bonds, sigma});
     }
     catch (const std::exception& e) {
         const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
-        throw OpenMMException("step " + std::to_string(stepNumber) + ": the score model failed (inputs: x " +
+        throw OpenMMException("step " + std::to_string(stepNumber) + ": the " +
+                              (compiledScore ? "compiled score network ('" + compiledScorePath + "')" : std::string("score model")) +
+                              " failed (inputs: x " +
                               sizesOf(x) + ", latent " + sizesOf(latent) + ", bead features " + sizesOf(features) +
                               ", bonds " + sizesOf(bonds) + "): " + (ce ? ce->what_without_backtrace() : e.what()));
     }

@@ -161,6 +161,19 @@ public:
      */
     void setNumThreads(int threads);
     int getNumThreads() const { return numThreads; }
+    /**
+     * Run the score network from an AOTInductor package compiled on this machine
+     * (openmm_cgml.compiled; LearnedSimulator.createIntegrator(compiled=True) makes and
+     * sets one) instead of the archive's TorchScript network; the graph is still built by
+     * the archive. An empty path goes back to the archive. The results agree with the
+     * archive's to float32 round-off. A run-time choice like the thread count, but not
+     * serialized: the package holds machine code for this CPU, so a deserialized or
+     * cloned integrator runs the archive until this is called again. Throws
+     * std::invalid_argument (the current route kept) if there is no score model, the
+     * archive predates the compiled route, or the package cannot be loaded.
+     */
+    void setCompiledScoreModel(const std::string& packagePath);
+    const std::string& getCompiledScoreModel() const;
     /** The score model's noise ladder (nm, largest first); empty without a score model. */
     std::vector<double> getSigmas() const;
     /** -1: follow System::usesPeriodicBoundaryConditions(); 0: non-periodic; 1: periodic. */

@@ -4,9 +4,14 @@
 #include <torch/script.h>
 #include <ATen/core/Generator.h>
 #include <iosfwd>
+#include <memory>
 #include <set>
 #include <string>
 #include <vector>
+
+namespace torch::inductor {
+class AOTIModelPackageLoader;
+}
 
 namespace CGML {
 
@@ -49,6 +54,7 @@ public:
     static const int maxSequenceLength = 10000;
 
     LearnedStep(const std::string& dynamicsBytes, const std::string& scoreBytes);
+    ~LearnedStep();
 
     int getSequenceLength() const { return seqLen; }
     double getModelStepSize() const { return modelStepSize; }
@@ -100,6 +106,17 @@ public:
 
     void seed(uint64_t seed);
 
+    /**
+     * Run the score network from an AOTInductor package (openmm_cgml.compiled) instead of
+     * the archive's: each score call builds its graph with the archive's build_graph
+     * method and passes it, with (latent, features, sigma), to the package. An empty path
+     * goes back to the archive. Throws std::invalid_argument if there is no score model,
+     * the archive has no build_graph method, or the package cannot be loaded; the current
+     * route is kept then.
+     */
+    void setCompiledScore(const std::string& packagePath);
+    const std::string& getCompiledScorePath() const { return compiledScorePath; }
+
     /** History [T,N,3] float64, oldest first, or an undefined tensor. */
     const torch::Tensor& getHistory() const { return history; }
     /** Keep the last seqLen frames of [F,N,3] (F >= seqLen). */
@@ -143,6 +160,8 @@ private:
     torch::Tensor normal(int64_t numBeads);
 
     torch::jit::Module dynamics, score;
+    std::shared_ptr<torch::inductor::AOTIModelPackageLoader> compiledScore;  // null: the archive's network
+    std::string compiledScorePath;
     bool hasScore;
     int seqLen;
     double modelStepSize;
