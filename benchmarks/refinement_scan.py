@@ -7,8 +7,8 @@ steps per noise level of the model's ladder, optionally with another schedule, s
 or only the smallest ``levels`` noise levels) and seed, the learned simulator runs ``--steps`` steps through
 CGMLIntegrator in an app.Simulation from the held-out reference's first frames. Each
 rollout and the reference are analysed by the evaluation's own functions
-(:mod:`openmm_cgml.evaluate`), and the table gives, mean and spread (min-max) over
-seeds:
+(:mod:`openmm_cgml.evaluate`), and the table gives, over seeds, the mean, its standard
+error and the range (min-max):
 
   ms/step       wall time per learned step (``--threads`` torch threads)
   collisions    mean bead collisions per bead (threshold: the reference's 1 % quantile
@@ -53,10 +53,11 @@ def score_run(obs, ref_obs, ref_peaks, lag_ps) -> dict:
 
 
 def spread(values) -> str:
+    """Mean, and with several seeds its standard error and the range: 'm ±se (min-max)'."""
     v = np.asarray(values, dtype=float)
     if len(v) == 1:
         return f"{v[0]:.3g}"
-    return f"{v.mean():.3g} ({v.min():.3g}-{v.max():.3g})"
+    return f"{v.mean():.3g} ±{v.std(ddof=1) / np.sqrt(len(v)):.2g} ({v.min():.3g}-{v.max():.3g})"
 
 
 def parse_setting(setting: str) -> dict:
@@ -149,14 +150,14 @@ def main(argv=None) -> int:
         rows.append((label, times, scores, failures))
 
     species_names = sorted(ref_obs.msd)
-    head = (f"{'run':<16} {'ms/step':>16} {'collisions':>22} {'peak shift nm':>22} {'height err':>22} "
-            f"{'Rg2 ratio':>22}")
-    print("\n" + head + "".join(f" {'MSD ' + s:>22}" for s in species_names) + "  failures")
+    head = (f"{'run':<16} {'ms/step':>24} {'collisions':>30} {'peak shift nm':>30} {'height err':>30} "
+            f"{'Rg2 ratio':>30}")
+    print("\n" + head + "".join(f" {'MSD ' + s:>30}" for s in species_names) + "  failures")
     for label, times, scores, failures in rows:
-        line = (f"{label:<16} {spread(times) if times else '-':>16} {spread([s['collisions'] for s in scores]):>22} "
-                f"{spread([s['shift'] for s in scores]):>22} {spread([s['height'] for s in scores]):>22} "
-                f"{spread([s['rg2'] for s in scores]):>22}")
-        line += "".join(f" {spread([s['msd'].get(n, np.nan) for s in scores]):>22}" for n in species_names)
+        line = (f"{label:<16} {spread(times) if times else '-':>24} {spread([s['collisions'] for s in scores]):>30} "
+                f"{spread([s['shift'] for s in scores]):>30} {spread([s['height'] for s in scores]):>30} "
+                f"{spread([s['rg2'] for s in scores]):>30}")
+        line += "".join(f" {spread([s['msd'].get(n, np.nan) for s in scores]):>30}" for n in species_names)
         print(line + (f"  {failures}" if times else ""))
     return 0
 

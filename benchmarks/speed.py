@@ -16,15 +16,15 @@ and the ratios learned / MD.
 
 Then the time per learned step against the number of beads (``--tiles``: the timed
 electrolyte frame tiled along its box vectors, a real liquid at every size) shows how cost grows. The last line sums up, e.g.
-``speed: chain 352x MD (refined: no score model), electrolyte 14000x MD (refined: 700x)``.
+``speed: chain 1316x MD (compiled: 2000x), refined: no score model; electrolyte ...``.
 
     python benchmarks/speed.py [--systems chain electrolyte] [--seconds 3] [--threads 1]
                                [--monomers 100] [--tiles 1 2 4 5] [--data DIR]
                                [--langevin-steps K] [--langevin-levels L] [--fast K:LEVELS] [--no-compiled]
 
-The refined electrolyte is also timed with its score network compiled for this CPU
+Each learned run is also timed with its networks compiled for this CPU
 (``createIntegrator(compiled=True)``, :mod:`openmm_cgml.compiled`; compiled before the
-timing, ~15 s the first time; ``--no-compiled`` skips it).
+timing, ~15 s per network the first time; ``--no-compiled`` skips them).
 ``--fast K:LEVELS`` (default 3:3) also times a cheaper refinement, K Langevin steps on
 the LEVELS smallest noise levels (``CGMLIntegrator.setLangevinLevels``), in the same run.
 """
@@ -117,22 +117,27 @@ def supercell(cg, tiles):
                     bonds, True, big, cg.dilation, cg.seq_len)
 
 
-def scaling(learned, cg, factors, seconds: float, threads: int, langevin: dict | None = None) -> None:
+def scaling(learned, cg, factors, seconds: float, threads: int, langevin: dict | None = None,
+            compiled: bool = True) -> None:
     """Seconds per learned step against beads: ``cg``'s liquid tiled for each entry
     of ``factors`` (the same local structure at every size, so the distance limits and
-    the graph see a real liquid's neighbours)."""
+    the graph see a real liquid's neighbours); ``compiled``: also refined with the
+    networks compiled for each size class."""
     print("\ntime per learned step vs beads (shipped electrolyte model and settings; the timed frame "
           "tiled along its box vectors)")
-    print(f"{'tiles':>7} {'beads':>7} {'ms/step (no score)':>19} {'ms/step (refined)':>18} {'us/bead (no score)':>19} "
-          f"{'us/bead (refined)':>18}")
+    runs = [(False, False), (True, False)] + ([(True, True)] if compiled else [])
+    names = ["no score", "refined"] + (["refined, compiled"] if compiled else [])
+    print(f"{'tiles':>7} {'beads':>7} " + " ".join(f"{'ms/step (' + n + ')':>28}" for n in names) + " "
+          + " ".join(f"{'us/bead (' + n + ')':>28}" for n in names))
     for m in factors:
         tiled = supercell(cg, m)
         row = []
-        for score in (False, True):
-            rate = learned_speed(learned, tiled, score, seconds, threads, langevin)
+        for score, fused in runs:
+            rate = learned_speed(learned, tiled, score, seconds, threads, langevin, compiled=fused)
             row.append(learned.stepSize.value_in_unit(unit.picosecond) / rate * 1000)
         n = tiled.system.getNumParticles()
-        print(f"{'x'.join(map(str, m)) if isinstance(m, tuple) else m:>7} {n:>7} {row[0]:>19.4g} {row[1]:>18.4g} {row[0] / n * 1000:>19.4g} {row[1] / n * 1000:>18.4g}")
+        print(f"{'x'.join(map(str, m)) if isinstance(m, tuple) else m:>7} {n:>7} "
+              + " ".join(f"{ms:>28.4g}" for ms in row) + " " + " ".join(f"{ms / n * 1000:>28.4g}" for ms in row))
 
 
 def tiling(text: str):
@@ -160,7 +165,7 @@ def main(argv=None) -> int:
                         help="also time this cheaper refinement: K Langevin steps on the LEVELS smallest noise "
                              "levels (default 3:3; 'none' to skip)")
     parser.add_argument("--no-compiled", action="store_true",
-                        help="skip the refined run with the compiled score network (openmm_cgml.compiled)")
+                        help="skip the runs with the networks compiled for this CPU (openmm_cgml.compiled)")
     parser.add_argument("--data", default="data/electrolyte-pretrain",
                         help="electrolyte data (make electrolyte-data): its held-out trajectory's last frame is timed")
     args = parser.parse_args(argv)
@@ -173,35 +178,42 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s) for MD (OpenMM CPU platform) and for the learned simulator; "
           "simulated ps per wall-clock second\n")
-    print(f"{'system':<44} {'atoms':>6} {'beads':>6} {'MD ps/s':>9} {'refined ps/s':>13} {'no-score ps/s':>14} "
-          f"{'refined/MD':>11} {'no-score/MD':>12}" + ("" if args.no_compiled else f" {'compiled/MD':>12}")
-          + (f" {'fast ' + args.fast + '/MD':>13}" if fast else ""))
+    compiled = not args.no_compiled
+    columns = ["no-score/MD"] + (["compiled"] if compiled else []) + ["refined/MD"] + (["compiled"] if compiled else [])
+    columns += [f"fast {args.fast}/MD"] if fast else []
+    print(f"{'system':<44} {'atoms':>6} {'beads':>6} {'MD ps/s':>9} {'no-score ps/s':>14} {'refined ps/s':>13} "
+          + " ".join(f"{c:>12}" for c in columns))
     summary, states, electrolyte = [], [], None
     for kind in args.systems:
         learned, built, cg, label, (positions, box, state) = (
             chain_case(args.monomers) if kind == "chain" else electrolyte_case(Path(args.data)))
         states.append(f"{kind}: {state}")
         md = md_speed(built, positions, box, threads=args.threads, min_seconds=args.seconds)
+        scored = learned.scorePath is not None
         bare = learned_speed(learned, cg, False, args.seconds, args.threads)
-        refined = learned_speed(learned, cg, True, args.seconds, args.threads, shipped) if learned.scorePath else None
-        quick = learned_speed(learned, cg, True, args.seconds, args.threads, fast) if learned.scorePath and fast else None
-        fused = (learned_speed(learned, cg, True, args.seconds, args.threads, shipped, compiled=True)
-                 if learned.scorePath and not args.no_compiled else None)
-        print(f"{label:<44} {built.system.getNumParticles():>6} {cg.n_beads:>6} {md:>9.3g} "
-              f"{refined if refined else float('nan'):>13.3g} {bare:>14.3g} "
-              f"{(refined / md) if refined else float('nan'):>11.3g} {bare / md:>12.3g}"
-              + ("" if args.no_compiled else f" {(fused / md) if fused else float('nan'):>12.3g}")
-              + (f" {(quick / md) if quick else float('nan'):>13.3g}" if fast else ""))
-        summary.append(f"{kind} {bare / md:.0f}x MD (refined: "
-                       + (f"{refined / md:.0f}x" + (f"; compiled: {fused / md:.0f}x" if fused else "")
-                          + (f"; fast {args.fast}: {quick / md:.0f}x" if quick else "") + ")"
-                          if refined else "no score model)"))
+        bare_c = learned_speed(learned, cg, False, args.seconds, args.threads, compiled=True) if compiled else None
+        refined = learned_speed(learned, cg, True, args.seconds, args.threads, shipped) if scored else None
+        refined_c = (learned_speed(learned, cg, True, args.seconds, args.threads, shipped, compiled=True)
+                     if scored and compiled else None)
+        quick = learned_speed(learned, cg, True, args.seconds, args.threads, fast) if scored and fast else None
+        ratios = [bare] + ([bare_c] if compiled else []) + [refined] + ([refined_c] if compiled else [])
+        ratios += [quick] if fast else []
+        print(f"{label:<44} {built.system.getNumParticles():>6} {cg.n_beads:>6} {md:>9.3g} {bare:>14.3g} "
+              f"{refined or float('nan'):>13.3g} "
+              + " ".join(f"{(r / md) if r else float('nan'):>12.4g}" for r in ratios))
+        text = f"{kind} {bare / md:.0f}x MD" + (f" (compiled: {bare_c / md:.0f}x)" if bare_c else "") + ", refined: "
+        if refined:
+            text += f"{refined / md:.0f}x" + (f" (compiled: {refined_c / md:.0f}x)" if refined_c else "")
+            text += f" (fast {args.fast}: {quick / md:.0f}x)" if quick else ""
+        else:
+            text += "no score model"
+        summary.append(text)
         if kind == "electrolyte":
             electrolyte = (learned, cg)
     print("states timed: " + "; ".join(states))
     if electrolyte and args.tiles:
-        scaling(*electrolyte, args.tiles, args.seconds, args.threads, shipped)
-    print("speed: " + ", ".join(summary))
+        scaling(*electrolyte, args.tiles, args.seconds, args.threads, shipped, compiled)
+    print("speed: " + "; ".join(summary))
     return 0
 
 

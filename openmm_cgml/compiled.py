@@ -1,17 +1,19 @@
-"""The compiled score network: torch.export + AOTInductor, built on this machine.
+"""Compiled networks: torch.export + AOTInductor, built on this machine.
 
-A refined step calls the score model 20 times (the shipped electrolyte), and on a CPU
-most of each call is the network's many small per-edge kernels. The TorchScript archive
-stays the model (it loads anywhere, in plain libtorch); this module compiles the same
-network, with the graph as an input, into an AOTInductor package (``.pt2``) that the
-integrator runs instead of the archive's network (``CGMLIntegrator.setCompiledScoreModel``).
-The graph is still built by the archive (its ``build_graph`` method): building it
-branches on the data, which torch.export cannot capture.
+On a CPU most of a model call is the network's many small per-edge kernels (a refined
+electrolyte step makes 20 score calls and one dynamics call). The TorchScript archives
+stay the model (they load anywhere, in plain libtorch); this module compiles the same
+networks, with the graph as an input, into AOTInductor packages (``.pt2``) that the
+integrator runs instead of the archives' networks (``CGMLIntegrator.
+setCompiledDynamicsModel`` / ``setCompiledScoreModel``). The graph is still built by the
+archive (its ``build_graph`` method): building it branches on the data, which
+torch.export cannot capture.
 
 A package holds machine code for the CPU that compiled it, so it is never shipped: it
-is compiled on first use (~30-60 s, needs a C++ compiler) into a cache keyed by the
-archive's bytes, the torch version and the CPU, and checked against the archive before
-it is used. The cache is ``$OPENMM_CGML_CACHE`` or ``~/.cache/openmm-cgml``.
+is compiled on first use (~15 s per network here, needs a C++ compiler) into a cache
+keyed by the archive's bytes, the torch version, the CPU and the system's size class,
+and checked against the archive before it is cached. The cache is
+``$OPENMM_CGML_CACHE`` or ``~/.cache/openmm-cgml``.
 """
 from __future__ import annotations
 
@@ -24,23 +26,36 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-#: outputs of the compiled network and the archive must agree to this (relative to the
-#: largest score component): float32 round-off of fused kernels, far below any signal
+#: compiled and archive outputs must agree to this, relative to each output's largest
+#: component: float32 round-off of fused kernels, far below any signal
 TOLERANCE = 1e-4
+KINDS = ("dynamics", "score")
+
+
+class DynamicsOnGraph(nn.Module):
+    """A dynamics model's ``predict`` (history, features, graph) -> (mean, std, latent)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, history, features, senders, receivers, edge_vec, edge_type):
+        return self.model.predict(history, features, senders, receivers, edge_vec, edge_type)
 
 
 class ScoreOnGraph(nn.Module):
-    """The score model's ``score_on_graph`` as a module (what torch.export exports)."""
+    """A score model's ``score_on_graph`` (latent, features, sigma, graph) -> score."""
 
-    def __init__(self, score: nn.Module):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.score = score
+        self.model = model
 
     def forward(self, latent, features, sigma, senders, receivers, edge_vec, edge_type):
-        return self.score.score_on_graph(latent, features, sigma, senders, receivers, edge_vec, edge_type)
+        return self.model.score_on_graph(latent, features, sigma, senders, receivers, edge_vec, edge_type)
 
 
 def cache_dir() -> Path:
@@ -56,22 +71,11 @@ def cpu_signature() -> str:
                 key = line.split(":")[0].strip()
                 if key in ("model name", "flags", "Features", "CPU part"):
                     text += "\n" + line.strip()
-                if key == "flags" or key == "Features":
+                if key in ("flags", "Features"):
                     break
     except OSError:
         text += "\n" + platform.processor()
     return text
-
-
-def package_key(archive_bytes: bytes, num_beads: int) -> str:
-    """Cache key: the archive, the torch version, the CPU and the system's size class
-    (the compiler picks its loops for the size it is shown: a package made on a 23-bead
-    chain ran a 122-bead box 2x slower than one made on the box itself)."""
-    digest = hashlib.sha256()
-    digest.update(archive_bytes)
-    digest.update(torch.__version__.encode())
-    digest.update(cpu_signature().encode())
-    return f"{digest.hexdigest()[:32]}-n{size_class(num_beads)}"
 
 
 def size_class(num_beads: int) -> int:
@@ -79,95 +83,136 @@ def size_class(num_beads: int) -> int:
     return 1 << max(1, round(math.log2(max(2, num_beads))))
 
 
-def eager_score_model(score_archive: str | os.PathLike, model_config: dict) -> nn.Module:
-    """The PyTorch module of an exported score archive: built from the manifest's model
-    configuration, with the archive's weights and buffers."""
-    from .models import ModelConfig, build_score_model
+def package_key(archive_bytes: bytes, num_beads: int) -> str:
+    """Cache key: the archive, the torch version, the CPU and the system's size class
+    (the compiler picks its loops for the size it is shown: a score package made on a
+    23-bead chain ran a 122-bead box 2x slower than one made on the box itself)."""
+    digest = hashlib.sha256()
+    digest.update(archive_bytes)
+    digest.update(torch.__version__.encode())
+    digest.update(cpu_signature().encode())
+    return f"{digest.hexdigest()[:32]}-n{size_class(num_beads)}"
 
-    scripted = torch.jit.load(str(score_archive), map_location="cpu")
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def eager_model(kind: str, archive: str | os.PathLike, model_config: dict) -> nn.Module:
+    """The PyTorch module of an exported archive: built from the manifest's model
+    configuration, with the archive's weights and buffers."""
+    from .models import ModelConfig, build_dynamics_model, build_score_model
+
+    _check_kind(kind)
+    scripted = torch.jit.load(str(archive), map_location="cpu")
     if not hasattr(scripted, "build_graph"):
-        raise ValueError(f"{score_archive} has no build_graph method: it was exported before the compiled route "
+        raise ValueError(f"{archive} has no build_graph method: it was exported before the compiled route "
                          "existed; export the checkpoint again with `cgml export`")
     config = ModelConfig.from_dict(model_config)
-    model = build_score_model(config, int(scripted.num_features), int(scripted.latent_dim))
+    if kind == "dynamics":
+        model = build_dynamics_model(config, int(scripted.num_features))
+    else:
+        model = build_score_model(config, int(scripted.num_features), int(scripted.latent_dim))
     model.load_state_dict(scripted.state_dict())
-    for name in ("langevin_steps", "langevin_step_size", "langevin_schedule"):
-        setattr(model, name, getattr(scripted, name))
     return model.eval()
 
 
-def _example(model: nn.Module, num_beads: int, seed: int) -> tuple:
-    """Network inputs on a chain of ``num_beads`` beads: (latent, features, sigma, graph...)."""
+def _on_graph(kind: str, model: nn.Module) -> nn.Module:
+    return (DynamicsOnGraph if kind == "dynamics" else ScoreOnGraph)(model).eval()
+
+
+def _network_inputs(kind: str, model: nn.Module, contract_inputs: tuple) -> tuple:
+    """The network's inputs from the archive's forward inputs: the graph built, then
+    (history, features, graph...) or (latent, features, sigma, graph...)."""
+    with torch.no_grad():
+        if kind == "dynamics":
+            history, box, features, bonds = contract_inputs
+            return (history, features, *model.build_graph(history[-1], box, bonds))
+        x, latent, box, features, bonds, sigma = contract_inputs
+        return (latent, features, sigma, *model.build_graph(x, box, bonds))
+
+
+def chain_example(kind: str, model: nn.Module, num_beads: int, seed: int) -> tuple:
+    """Network inputs on a chain of ``num_beads`` beads."""
     from .models.torchscript import example_inputs
 
-    x, latent, box, features, bonds, sigma = example_inputs("score", model, num_beads, seed)
-    return (latent, features, sigma, *model.build_graph(x, box, bonds))
+    return _network_inputs(kind, model, example_inputs(kind, model, num_beads, seed))
 
 
-def system_example(model: nn.Module, positions, box, features, bonds, seed: int = 0) -> tuple:
+def system_example(kind: str, model: nn.Module, positions, box, features, bonds, seed: int = 0) -> tuple:
     """Network inputs on a real system (positions [N, 3] nm, box [3, 3] or None, bead
-    features [N, F], CG bonds [E, 2]) with a random latent: the shapes to compile for."""
-    x = torch.as_tensor(np_float32(positions))
-    box = torch.zeros(3, 3) if box is None else torch.as_tensor(np_float32(box))
-    features = torch.as_tensor(np_float32(features))
-    bonds = torch.as_tensor(bonds, dtype=torch.int64).reshape(-1, 2)
-    latent = torch.randn(x.shape[0], int(model.latent_dim), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        graph = model.build_graph(x, box, bonds)
-    return (latent, features, model.sigmas[-1].clone(), *graph)
+    features [N, F], CG bonds [E, 2]), with a random history or latent: the shapes to
+    compile for."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.as_tensor(np.ascontiguousarray(positions, dtype=np.float32))
+    box = torch.zeros(3, 3) if box is None else torch.as_tensor(np.ascontiguousarray(box, dtype=np.float32))
+    features = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32))
+    bonds = torch.as_tensor(np.asarray(bonds, dtype=np.int64).reshape(-1, 2))
+    if kind == "dynamics":
+        steps = 0.01 * float(model.cutoff) * torch.randn(model.seq_len, x.shape[0], 3, generator=gen)
+        history = x + torch.cumsum(steps, dim=0) - steps.sum(dim=0)  # ends at x
+        return _network_inputs(kind, model, (history, box, features, bonds))
+    latent = torch.randn(x.shape[0], int(model.latent_dim), generator=gen)
+    return _network_inputs(kind, model, (x, latent, box, features, bonds, model.sigmas[-1].clone()))
 
 
-def np_float32(values):
-    import numpy as np
+def _dynamic_shapes(kind: str) -> tuple:
+    beads, edges = torch.export.Dim("beads", min=2), torch.export.Dim("edges", min=2)
+    graph = ({0: edges}, {0: edges}, {0: edges}, {0: edges})
+    if kind == "dynamics":
+        return ({1: beads}, {0: beads}, *graph)
+    return ({0: beads}, {0: beads}, None, *graph)
 
-    return np.ascontiguousarray(values, dtype=np.float32)
 
-
-def compile_score(score_archive: str | os.PathLike, model_config: dict, example: tuple | None = None,
-                  directory: str | os.PathLike | None = None, log=print) -> Path:
-    """Path of the compiled score network of ``score_archive`` (a ``.pt2`` package) for
-    systems the size of ``example`` (:func:`system_example`; default a 23-bead chain):
-    from the cache if it is there, else compiled, checked against the archive (on the
-    example and on chains of other sizes), and stored. RuntimeError if the compiled
-    network disagrees with the archive."""
-    archive_bytes = Path(score_archive).read_bytes()
-    model = eager_score_model(score_archive, model_config)
-    example = _example(model, 23, 0) if example is None else example
-    target = Path(directory or cache_dir()) / package_key(archive_bytes, example[0].shape[0]) / "score.pt2"
+def compile_network(kind: str, archive: str | os.PathLike, model_config: dict, example: tuple | None = None,
+                    directory: str | os.PathLike | None = None, log=print) -> Path:
+    """Path of the compiled network of ``archive`` (a ``.pt2`` package; ``kind``
+    "dynamics" or "score") for systems the size of ``example`` (:func:`system_example`;
+    default a 23-bead chain): from the cache if it is there, else compiled, checked
+    against the archive (on the example and on chains of two other sizes), and stored.
+    RuntimeError if the compiled network disagrees with the archive."""
+    archive_bytes = Path(archive).read_bytes()
+    model = eager_model(kind, archive, model_config)
+    example = chain_example(kind, model, 23, 0) if example is None else example
+    num_beads = example[0].shape[1 if kind == "dynamics" else 0]
+    target = Path(directory or cache_dir()) / package_key(archive_bytes, num_beads) / f"{kind}.pt2"
     if target.is_file():
         return target
-    scripted = torch.jit.load(str(score_archive), map_location="cpu").eval()
-    net = ScoreOnGraph(model).eval()
-    beads, edges = torch.export.Dim("beads", min=2), torch.export.Dim("edges", min=2)
-    dynamic = ({0: beads}, {0: beads}, None, {0: edges}, {0: edges}, {0: edges}, {0: edges})
+    scripted = torch.jit.load(str(archive), map_location="cpu").eval()
     if log:
-        log(f"compiling the score network for this CPU (once; cached in {target.parent}) ...")
+        log(f"compiling the {kind} network for this CPU (once; cached in {target.parent}) ...")
     start = time.perf_counter()
     with torch.no_grad():
-        exported = torch.export.export(net, example, dynamic_shapes=dynamic)
+        exported = torch.export.export(_on_graph(kind, model), example, dynamic_shapes=_dynamic_shapes(kind))
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        staged = Path(tmp) / "score.pt2"
+        staged = Path(tmp) / target.name
         torch._inductor.aoti_compile_and_package(exported, package_path=str(staged))
-        check_package(staged, scripted, model, example)
+        check_package(kind, staged, scripted, model, example)
         os.replace(staged, target)  # atomic: a concurrent reader sees no half-written package
     if log:
         log(f"compiled in {time.perf_counter() - start:.0f} s: {target}")
     return target
 
 
-def check_package(package: str | os.PathLike, scripted, model: nn.Module, example: tuple) -> float:
+def check_package(kind: str, package: str | os.PathLike, scripted, model: nn.Module, example: tuple) -> float:
     """Largest relative difference between the package and the archive's network on
     ``example`` and on chains of 17 and 41 beads; RuntimeError above TOLERANCE."""
     compiled = torch._inductor.aoti_load_package(str(package))
+    reference = scripted.predict if kind == "dynamics" else scripted.score_on_graph
     worst = 0.0
     with torch.no_grad():
-        for inputs in (example, _example(model, 17, 1), _example(model, 41, 2)):
-            want = scripted.score_on_graph(*inputs)
-            got = compiled(*inputs)
-            worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp(min=1e-30)))
+        for inputs in (example, chain_example(kind, model, 17, 1), chain_example(kind, model, 41, 2)):
+            want, got = reference(*inputs), compiled(*inputs)
+            want = want if isinstance(want, tuple) else (want,)
+            got = got if isinstance(got, (tuple, list)) else (got,)
+            if len(got) != len(want):
+                raise RuntimeError(f"the compiled {kind} network returns {len(got)} outputs, the archive {len(want)}")
+            for a, b in zip(got, want):
+                worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)))
     if not worst <= TOLERANCE:
-        raise RuntimeError(f"the compiled score network differs from the archive by {worst:.2e} (relative; "
+        raise RuntimeError(f"the compiled {kind} network differs from the archive by {worst:.2e} (relative; "
                            f"tolerance {TOLERANCE:g}); it was not cached")
     return worst
 

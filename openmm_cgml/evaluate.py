@@ -297,7 +297,7 @@ def _js(a, b):
 def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: float, rollout_factor: float,
                     out_dir: Path, *, seed: int = 1, progress: bool = True, sl_prediction: float | None = None,
                     ablation_model: str | None = None, measure_md: bool = True, cg=None,
-                    replicas: int = 1, langevin: dict[str, Any] | None = None) -> dict:
+                    replicas: int = 1, langevin: dict[str, Any] | None = None, compiled: bool = False) -> dict:
     """Evaluate every model on one held-out system; write its plots; return its metrics.
     ``cg``: the system coarse-grained by the first model, if already computed. Every
     model runs on its own coarse-graining (its embedding GNN makes its bead features);
@@ -305,7 +305,9 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
     ``replicas``: K rollouts per learned run, from K start windows evenly spaced over
     the reference (:func:`learned_rollouts`), their observables pooled
     (:func:`pool_observables`). ``langevin``: refinement settings of the refined runs
-    (``LearnedSimulator.rollout``'s, e.g. ``{"langevinLevels": 3, "langevinSteps": 3}``)."""
+    (``LearnedSimulator.rollout``'s, e.g. ``{"langevinLevels": 3, "langevinSteps": 3}``).
+    ``compiled``: every learned run with its networks compiled for this CPU
+    (:mod:`openmm_cgml.compiled`; the same model and settings, faster)."""
     check_replicas(replicas)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(models.values()))
@@ -359,7 +361,7 @@ def evaluate_system(record: TrajectoryRecord, models: dict[str, Any], train_ps: 
             stem = out_dir / label.replace(" ", "_") if run_label == label else None
             runs[run_label], wall[run_label], notes[run_label] = learned_rollouts(
                 learned, own, histories, n_steps, label=run_label, seed=seed, progress=progress, dcd_stem=stem,
-                **options, **spacing)
+                compiled=compiled, **options, **spacing)
             model_of_run[run_label] = label
     # fine-level Rg^2: true (atoms) for the MD runs, the property head's for learned runs
     fine_ref = fine_rg2_series(record.positions[::dilation], mapping)
@@ -614,9 +616,9 @@ def write_report(all_metrics: list[dict], out_dir: Path, context: dict) -> Path:
 def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.PathLike,
                    out_dir: str | os.PathLike, *, rollout_factor: float = 10.0, seed: int = 1,
                    sl_baseline: bool = True, progress: bool = True, measure_md: bool = True,
-                   replicas: int = 1, langevin: dict[str, Any] | None = None) -> Path:
+                   replicas: int = 1, langevin: dict[str, Any] | None = None, compiled: bool = False) -> Path:
     """Evaluate the models on every held-out (split="test") system of ``data_dir``;
-    ``replicas``: rollouts per learned run (see :func:`evaluate_system`)."""
+    ``replicas``, ``langevin``, ``compiled``: see :func:`evaluate_system`."""
     check_rollout_factor(rollout_factor)
     check_seed(seed)
     check_replicas(replicas)
@@ -654,10 +656,10 @@ def run_evaluation(model_dirs: dict[str, str | os.PathLike], data_dir: str | os.
         all_metrics.append(evaluate_system(record, models, train_ps, rollout_factor, out_dir / record.name,
                                            seed=seed, progress=progress, sl_prediction=prediction,
                                            ablation_model=next(iter(models)), measure_md=measure_md, cg=cg,
-                                           replicas=replicas, langevin=langevin))
+                                           replicas=replicas, langevin=langevin, compiled=compiled))
     context = {"data": str(data_dir), "models": {k: str(v) for k, v in model_dirs.items()},
                "rollout_factor": rollout_factor, "replicas": replicas, "training_trajectory_ps": train_ps,
-               **({"refinement": langevin} if langevin else {}),
+               **({"refinement": langevin} if langevin else {}), **({"compiled": True} if compiled else {}),
                "held_out_systems": len(all_metrics)}
     return write_report(all_metrics, out_dir, context)
 
@@ -750,7 +752,8 @@ def _run_evaluate(args) -> int:
     report = run_evaluation(models, args.data, args.out, rollout_factor=args.rollout_factor, seed=args.seed,
                             sl_baseline=not args.no_sl, progress=not args.no_progress,
                             measure_md=not args.no_md_timing, replicas=args.replicas,
-                            langevin=refinement_settings(args.langevin_steps, args.langevin_levels))
+                            langevin=refinement_settings(args.langevin_steps, args.langevin_levels),
+                            compiled=args.compiled)
     print(f"report: {report}")
     return 0
 
@@ -772,6 +775,9 @@ def add_cli(subparsers) -> None:
                    help="Langevin steps per noise level of the refined runs (default: each model's)")
     p.add_argument("--langevin-levels", type=int, default=None,
                    help="refine over the N smallest noise levels only (default: each model's whole ladder)")
+    p.add_argument("--compiled", action="store_true",
+                   help="run the learned models with their networks compiled for this CPU (AOTInductor; the same "
+                        "results to float32 round-off, faster; compiled once, ~15 s per network, then cached)")
     p.add_argument("--no-sl", action="store_true", help="skip the supervised GNN baseline")
     p.add_argument("--no-md-timing", action="store_true", help="skip timing the reference MD")
     p.add_argument("--no-progress", action="store_true")

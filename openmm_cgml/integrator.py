@@ -268,15 +268,25 @@ class CGMLIntegrator(openmm.Integrator):
         """CG bonds shortened by the bond-length limit since the integrator was created."""
         return self._impl.getBondLimitCorrections()
 
-    def setCompiledScoreModel(self, package) -> None:
-        """Run the score network from an AOTInductor package compiled on this machine
-        (:func:`openmm_cgml.compiled.compile_score`; ``LearnedSimulator.createIntegrator(
-        compiled=True)`` does both) instead of the archive's TorchScript network; the
-        graph is still built by the archive. ``""`` or None goes back to the archive.
-        Results agree with the archive's to float32 round-off. Copies (``copy.copy``,
+    def setCompiledDynamicsModel(self, package) -> None:
+        """Run the dynamics network from an AOTInductor package compiled on this machine
+        (:func:`openmm_cgml.compiled.compile_network`; ``LearnedSimulator.createIntegrator(
+        compiled=True)`` does both) instead of the archive's TorchScript network; the graph
+        is still built by the archive. ``""`` or None goes back to the archive. Results
+        agree with the archive's to float32 round-off. Copies (``copy.copy``,
         ``copy.deepcopy``) keep it; XML and pickles do not (the package is machine code for
-        this CPU): a deserialized integrator runs the archive until this is called again. ValueError if there is no score model, the
-        archive predates the compiled route, or the package cannot be loaded."""
+        this CPU): a deserialized integrator runs the archive until this is called again.
+        ValueError if the archive predates the compiled route or the package cannot be
+        loaded."""
+        self._impl.setCompiledDynamicsModel("" if package is None else os.fspath(package))
+
+    def getCompiledDynamicsModel(self) -> str:
+        """The compiled dynamics package in use, or "" (the archive's network)."""
+        return self._impl.getCompiledDynamicsModel()
+
+    def setCompiledScoreModel(self, package) -> None:
+        """:meth:`setCompiledDynamicsModel` for the score network (each of a step's
+        Langevin updates calls it). ValueError also if there is no score model."""
         self._impl.setCompiledScoreModel("" if package is None else os.fspath(package))
 
     def getCompiledScoreModel(self) -> str:
@@ -315,8 +325,9 @@ class CGMLIntegrator(openmm.Integrator):
     def __deepcopy__(self, memo):
         clone = CGMLIntegrator.__new__(CGMLIntegrator)
         clone._attach(_cgml.CGMLIntegratorImpl.deserialize(self._impl.serialize()))
-        if self.getCompiledScoreModel():  # same process, same CPU: the package still fits
-            clone.setCompiledScoreModel(self.getCompiledScoreModel())
+        # same process, same CPU: the compiled packages still fit
+        clone.setCompiledDynamicsModel(self.getCompiledDynamicsModel())
+        clone.setCompiledScoreModel(self.getCompiledScoreModel())
         return clone
 
     def __getstate__(self):

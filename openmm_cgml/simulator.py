@@ -428,9 +428,9 @@ class LearnedSimulator:
         periodicity set). ``score=False`` runs without refinement; ``exclusionDistance``
         and ``bondLengthLimit`` (nm or length Quantities; 0 turns them off) override the
         model's distance limits (its ``exclusion_distance_nm`` / ``bond_length_limit_nm``,
-        from the training data). ``compiled=True`` runs the score network compiled for
-        this CPU (:mod:`openmm_cgml.compiled`: ~1.5x faster refinement; compiled once,
-        ~15-60 s, then cached)."""
+        from the training data). ``compiled=True`` runs the dynamics and score networks
+        compiled for this CPU and this system's size (:mod:`openmm_cgml.compiled`: ~1.4x
+        faster refined steps; compiled once, ~15 s per network, then cached)."""
         from openmm_cgml.integrator import CGMLIntegrator
 
         if bool(cg.periodic) != self.periodic or (cg.periodic and (cg.box is None or not np.any(cg.box))):
@@ -456,13 +456,16 @@ class LearnedSimulator:
             integrator.setExclusionDistance(exclusionDistance)
         if bondLengthLimit is not None:
             integrator.setBondLengthLimit(bondLengthLimit)
-        if compiled and score_path is not None:
-            from openmm_cgml.compiled import compile_score, eager_score_model, system_example
+        if compiled:
+            from openmm_cgml.compiled import compile_network, eager_model, system_example
 
             config = self.manifest["model_config"]
-            example = system_example(eager_score_model(score_path, config), _nm(cg.positions),
-                                     cg.box if cg.periodic else None, cg.features, cg.bonds)
-            integrator.setCompiledScoreModel(compile_score(score_path, config, example))
+            for kind, archive, attach in (("dynamics", self.dynamicsPath, integrator.setCompiledDynamicsModel),
+                                          ("score", score_path, integrator.setCompiledScoreModel)):
+                if archive is not None:
+                    example = system_example(kind, eager_model(kind, archive, config), _nm(cg.positions),
+                                             cg.box if cg.periodic else None, cg.features, cg.bonds)
+                    attach(compile_network(kind, archive, config, example))
         return integrator
 
     def rollout(self, cg: CGSystem, history, n_steps: int, *, score: bool = True, seed: int = 1,
@@ -476,7 +479,7 @@ class LearnedSimulator:
         ``limits=False``: without the model's distance limits; ``langevin``: overrides of
         the score model's Langevin settings, keyword arguments of :meth:`createIntegrator`
         (``langevinSteps``, ``langevinStepSize``, ``langevinSchedule``, ``langevinLevels``); ``compiled``: the
-        compiled score network (:meth:`createIntegrator`). ``reporters`` are added to
+        compiled networks (:meth:`createIntegrator`). ``reporters`` are added to
         the simulation (e.g. ``app.DCDReporter``). A failing step (NaN, ...) ends the
         rollout early: the frames before it are kept and the failure is recorded.
         """

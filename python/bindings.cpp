@@ -129,6 +129,8 @@ PYBIND11_MODULE(_cgml, m) {
         .def("getBondLimitCorrections", &CGMLIntegrator::getBondLimitCorrections)
         .def("getNumThreads", &CGMLIntegrator::getNumThreads)
         .def("setNumThreads", &CGMLIntegrator::setNumThreads)
+        .def("getCompiledDynamicsModel", &CGMLIntegrator::getCompiledDynamicsModel)
+        .def("setCompiledDynamicsModel", &CGMLIntegrator::setCompiledDynamicsModel)
         .def("getCompiledScoreModel", &CGMLIntegrator::getCompiledScoreModel)
         .def("setCompiledScoreModel", &CGMLIntegrator::setCompiledScoreModel)
         .def("getPeriodicMode", &CGMLIntegrator::getPeriodicMode)

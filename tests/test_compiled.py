@@ -1,7 +1,8 @@
-"""The compiled score network (openmm_cgml.compiled; CGMLIntegrator.setCompiledScoreModel):
-an AOTInductor package of the archive's network, run by the C++ step with the archive's
-graph. It must give the archive's rollout (to float32 round-off), be cached, refuse what
-it cannot run, and not travel with the integrator's XML."""
+"""Compiled networks (openmm_cgml.compiled; CGMLIntegrator.setCompiledDynamicsModel /
+setCompiledScoreModel): AOTInductor packages of the archives' networks, run by the C++
+step with the archives' graphs. They must give the archives' rollout (to float32
+round-off), be cached, refuse what they cannot run, and not travel with the
+integrator's XML."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,8 @@ import shutil
 import time
 
 import numpy as np
-import pytest
 import openmm
+import pytest
 import torch
 from openmm import app
 
@@ -37,53 +38,57 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def case(exported_tiny_model, chain_data_dir, cache):
     """The tiny exported model, a CG system of the held-out chain, its history, and the
-    package compiled for it (the compile is timed: it is the slow part of this module)."""
+    packages compiled for it (timed: compiling is the slow part of this module)."""
     sim = openmm_cgml.LearnedSimulator.load(exported_tiny_model)
     record = load_trajectory(list_trajectories(chain_data_dir, split="test")[0])
     cg = sim.coarseGrain(record)
     history = cg.map_trajectory(record.positions)
     start = time.perf_counter()
     integrator = sim.createIntegrator(cg, compiled=True)
-    package = integrator.getCompiledScoreModel()
-    return sim, cg, history, package, time.perf_counter() - start
+    packages = {"dynamics": integrator.getCompiledDynamicsModel(), "score": integrator.getCompiledScoreModel()}
+    return sim, cg, history, packages, time.perf_counter() - start
 
 
-def positions_after(sim, cg, history, steps, package=None, deterministic=False, seed=4):
-    integrator = sim.createIntegrator(cg, deterministic=deterministic, seed=seed)
-    if package:
-        integrator.setCompiledScoreModel(package)
+def positions_after(sim, cg, history, steps, packages=None, deterministic=False, seed=4, score=True):
+    integrator = sim.createIntegrator(cg, deterministic=deterministic, seed=seed, score=score)
+    packages = packages or {}
+    if packages.get("dynamics"):
+        integrator.setCompiledDynamicsModel(packages["dynamics"])
+    if packages.get("score"):
+        integrator.setCompiledScoreModel(packages["score"])
     simulation = app.Simulation(cg.topology, cg.system, integrator)
     integrator.setHistory(history[-integrator.getSequenceLength():])
     simulation.step(steps)
     return simulation.context.getState(getPositions=True).getPositions(asNumpy=True)._value
 
 
-def test_compiled_rollout_matches_the_archive(case):
-    sim, cg, history, package, _ = case
-    assert package and package.endswith("score.pt2")
-    for deterministic in (True, False):  # mean + refinement; with the same noise draws
+def test_compiled_rollout_matches_the_archives(case):
+    sim, cg, history, packages, _ = case
+    assert packages["dynamics"].endswith("dynamics.pt2") and packages["score"].endswith("score.pt2")
+    for deterministic in (True, False):  # the mean + refinement; and with the same noise draws
         archive = positions_after(sim, cg, history, 5, deterministic=deterministic)
-        fused = positions_after(sim, cg, history, 5, package, deterministic=deterministic)
-        assert np.isfinite(fused).all()
-        np.testing.assert_allclose(fused, archive, rtol=0, atol=1e-4)
-    # and the refinement does act: without the score model the result differs
-    integrator = sim.createIntegrator(cg, score=False, deterministic=True)
-    simulation = app.Simulation(cg.topology, cg.system, integrator)
-    integrator.setHistory(history[-integrator.getSequenceLength():])
-    simulation.step(5)
-    bare = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)._value
-    assert np.abs(bare - positions_after(sim, cg, history, 5, package, deterministic=True)).max() > 1e-3
+        for chosen in ({"dynamics": packages["dynamics"]}, {"score": packages["score"]}, packages):
+            fused = positions_after(sim, cg, history, 5, chosen, deterministic=deterministic)
+            assert np.isfinite(fused).all()
+            np.testing.assert_allclose(fused, archive, rtol=0, atol=1e-4, err_msg=str(sorted(chosen)))
+    # the refinement does act: without the score model the result differs
+    bare = positions_after(sim, cg, history, 5, {"dynamics": packages["dynamics"]}, deterministic=True, score=False)
+    assert np.abs(bare - positions_after(sim, cg, history, 5, packages, deterministic=True)).max() > 1e-3
 
 
-def test_package_is_cached_per_archive_cpu_and_size(case, cache):
-    sim, cg, history, package, first_seconds = case
+def test_packages_are_cached_per_archive_cpu_and_size(case, cache):
+    sim, cg, history, packages, first_seconds = case
     start = time.perf_counter()
-    again = sim.createIntegrator(cg, compiled=True).getCompiledScoreModel()
-    assert again == package and time.perf_counter() - start < first_seconds / 3
-    key = compiled.package_key(sim.scorePath.read_bytes(), cg.n_beads)
-    assert str(cache) in package and key in package
-    assert key != compiled.package_key(sim.scorePath.read_bytes(), 64 * cg.n_beads)
-    assert key != compiled.package_key(sim.scorePath.read_bytes() + b"x", cg.n_beads)
+    again = sim.createIntegrator(cg, compiled=True)
+    assert again.getCompiledScoreModel() == packages["score"]
+    assert again.getCompiledDynamicsModel() == packages["dynamics"]
+    assert time.perf_counter() - start < first_seconds / 3
+    score_bytes = sim.scorePath.read_bytes()
+    key = compiled.package_key(score_bytes, cg.n_beads)
+    assert packages["score"].startswith(str(cache)) and key in packages["score"]
+    assert compiled.package_key(sim.dynamicsPath.read_bytes(), cg.n_beads) in packages["dynamics"]
+    assert key != compiled.package_key(score_bytes, 64 * cg.n_beads)
+    assert key != compiled.package_key(score_bytes + b"x", cg.n_beads)
     assert compiled.size_class(100) == compiled.size_class(120) == 128 and compiled.size_class(3) == 4
 
 
@@ -92,8 +97,8 @@ def test_a_package_that_disagrees_is_refused_and_not_cached_and_the_step_runs_th
     """A package of another network (the decoder's weights x 1.5) fails the check against
     the archive and is not cached; set anyway, it changes the rollout: the C++ step does
     run the package, not the archive's network."""
-    sim, cg, history, package, _ = case
-    real_eager, real_check = compiled.eager_score_model, compiled.check_package
+    sim, cg, history, packages, _ = case
+    real_eager, real_check = compiled.eager_model, compiled.check_package
     kept = tmp_path / "other.pt2"
 
     def other_network(*args):
@@ -103,64 +108,111 @@ def test_a_package_that_disagrees_is_refused_and_not_cached_and_the_step_runs_th
                 weight.mul_(1.5)
         return model
 
-    def keep_then_check(staged, *args):
+    def keep_then_check(kind, staged, *args):
         shutil.copy(staged, kept)
-        return real_check(staged, *args)
+        return real_check(kind, staged, *args)
 
-    monkeypatch.setattr(compiled, "eager_score_model", other_network)
+    monkeypatch.setattr(compiled, "eager_model", other_network)
     monkeypatch.setattr(compiled, "check_package", keep_then_check)
     with pytest.raises(RuntimeError, match="differs from the archive .* not cached"):
-        compiled.compile_score(sim.scorePath, sim.manifest["model_config"], directory=tmp_path / "cache", log=None)
+        compiled.compile_network("score", sim.scorePath, sim.manifest["model_config"], directory=tmp_path / "cache",
+                                 log=None)
     assert kept.is_file() and not list((tmp_path / "cache").rglob("*.pt2"))
     monkeypatch.undo()
-    good = positions_after(sim, cg, history, 3, package, deterministic=True)
-    other = positions_after(sim, cg, history, 3, str(kept), deterministic=True)
+    good = positions_after(sim, cg, history, 3, packages, deterministic=True)
+    other = positions_after(sim, cg, history, 3, {"dynamics": packages["dynamics"], "score": str(kept)},
+                            deterministic=True)
     assert np.abs(other - good).max() > 1e-3
 
 
 def test_route_switches_and_refusals(case, tmp_path):
-    sim, cg, history, package, _ = case
+    sim, cg, history, packages, _ = case
     integrator = sim.createIntegrator(cg)
-    assert integrator.getCompiledScoreModel() == ""
-    integrator.setCompiledScoreModel(package)
-    assert integrator.getCompiledScoreModel() == package
-    # copies in this process keep the route; XML and pickles do not (machine code for this CPU)
-    assert copy.copy(integrator).getCompiledScoreModel() == package
+    assert integrator.getCompiledScoreModel() == "" and integrator.getCompiledDynamicsModel() == ""
+    integrator.setCompiledScoreModel(packages["score"])
+    integrator.setCompiledDynamicsModel(packages["dynamics"])
+    assert integrator.getCompiledScoreModel() == packages["score"]
+    # copies in this process keep the routes; XML and pickles do not (machine code for this CPU)
+    clone = copy.copy(integrator)
+    assert (clone.getCompiledDynamicsModel(), clone.getCompiledScoreModel()) == (packages["dynamics"],
+                                                                                 packages["score"])
     xml = openmm.XmlSerializer.serialize(integrator)
-    assert "score.pt2" not in xml
-    assert CGMLIntegrator.deserialize(xml).getCompiledScoreModel() == ""
-    assert pickle.loads(pickle.dumps(integrator)).getCompiledScoreModel() == ""
+    assert ".pt2" not in xml
+    for restored in (CGMLIntegrator.deserialize(xml), pickle.loads(pickle.dumps(integrator))):
+        assert restored.getCompiledScoreModel() == "" and restored.getCompiledDynamicsModel() == ""
     integrator.setCompiledScoreModel(None)
     assert integrator.getCompiledScoreModel() == ""
     with pytest.raises(ValueError, match="cannot load the compiled score network"):
         integrator.setCompiledScoreModel(tmp_path / "missing.pt2")
-    assert integrator.getCompiledScoreModel() == ""  # the route in use is kept
+    with pytest.raises(ValueError, match="cannot load the compiled dynamics network"):
+        integrator.setCompiledDynamicsModel(tmp_path / "missing.pt2")
+    assert integrator.getCompiledDynamicsModel() == packages["dynamics"]  # the route in use is kept
+    # a package of the other network fails at the first step, named, and the state is kept
+    integrator.setCompiledDynamicsModel(packages["score"])
+    simulation = app.Simulation(cg.topology, cg.system, integrator)
+    integrator.setHistory(history[-integrator.getSequenceLength():])
+    before = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)._value
+    with pytest.raises(openmm.OpenMMException, match="compiled dynamics network .* failed"):
+        simulation.step(1)
+    np.testing.assert_array_equal(simulation.context.getState(getPositions=True).getPositions(asNumpy=True)._value,
+                                  before)
     bare = sim.createIntegrator(cg, score=False)
     with pytest.raises(ValueError, match="needs a score model"):
-        bare.setCompiledScoreModel(package)
-    # an archive without build_graph (exported before the compiled route, or hand-written)
+        bare.setCompiledScoreModel(packages["score"])
+    # archives without build_graph (exported before the compiled route, or hand-written)
     toy = CGMLIntegrator(save(HarmonicDynamics(), tmp_path / "d.pt"), save(GaussianScore(), tmp_path / "s.pt"))
     with pytest.raises(ValueError, match="no build_graph method"):
-        toy.setCompiledScoreModel(package)
+        toy.setCompiledScoreModel(packages["score"])
     with pytest.raises(ValueError, match="no build_graph method"):
-        compiled.eager_score_model(tmp_path / "s.pt", sim.manifest["model_config"])
+        toy.setCompiledDynamicsModel(packages["dynamics"])
+    with pytest.raises(ValueError, match="no build_graph method"):
+        compiled.eager_model("score", tmp_path / "s.pt", sim.manifest["model_config"])
+    with pytest.raises(ValueError, match="kind must be one of"):
+        compiled.eager_model("embedding", sim.scorePath, sim.manifest["model_config"])
 
 
-def test_shipped_archives_carry_the_graph_method():
-    """The compiled route needs build_graph in the archive: the shipped electrolyte model
-    (the one with a score model) has it, and its manifest builds the same network."""
-    sim = openmm_cgml.LearnedSimulator.pretrained("electrolyte")
-    scripted = torch.jit.load(str(sim.scorePath))
-    assert hasattr(scripted, "build_graph") and hasattr(scripted, "score_on_graph")
-    model = compiled.eager_score_model(sim.scorePath, json.loads((sim.directory / "simulator.json").read_text())
-                                       ["model_config"])
-    x = torch.rand(30, 3) * 2.0
-    box = torch.eye(3) * 2.0
-    features = torch.randn(30, int(scripted.num_features))
+@pytest.mark.parametrize("name", ["chain", "electrolyte"])
+def test_shipped_archives_split_into_graph_and_network(name):
+    """The compiled route needs build_graph in the archives: the shipped ones have it, and
+    their manifests build the same networks."""
+    sim = openmm_cgml.LearnedSimulator.pretrained(name)
+    config = json.loads((sim.directory / "simulator.json").read_text())["model_config"]
+    gen = torch.Generator().manual_seed(0)
+    n = 30
+    box = torch.eye(3) * 3.0 if sim.periodic else torch.zeros(3, 3)
+    x = torch.rand(n, 3, generator=gen) * 3.0
     bonds = torch.tensor([[0, 1], [1, 2]])
-    latent = torch.randn(30, int(scripted.latent_dim))
-    sigma = scripted.sigmas[-1].clone()
+    dynamics = torch.jit.load(str(sim.dynamicsPath))
+    features = torch.randn(n, int(dynamics.num_features), generator=gen)
+    history = x + 0.01 * torch.randn(int(dynamics.seq_len), n, 3, generator=gen)
     with torch.no_grad():
-        graph = scripted.build_graph(x, box, bonds)
-        torch.testing.assert_close(model.score_on_graph(latent, features, sigma, *graph),
-                                   scripted(x, latent, box, features, bonds, sigma))
+        eager = compiled.eager_model("dynamics", sim.dynamicsPath, config)
+        graph = dynamics.build_graph(history[-1], box, bonds)
+        for a, b in zip(eager.predict(history, features, *graph), dynamics(history, box, features, bonds)):
+            torch.testing.assert_close(a, b)
+        if sim.scorePath is not None:
+            score = torch.jit.load(str(sim.scorePath))
+            latent = torch.randn(n, int(score.latent_dim), generator=gen)
+            sigma = score.sigmas[-1].clone()
+            eager = compiled.eager_model("score", sim.scorePath, config)
+            torch.testing.assert_close(eager.score_on_graph(latent, features, sigma, *score.build_graph(x, box, bonds)),
+                                       score(x, latent, box, features, bonds, sigma))
+
+
+def test_evaluate_runs_every_learned_run_compiled(case, exported_tiny_model, chain_data_dir, tmp_path, monkeypatch):
+    """``cgml evaluate --compiled``: each learned run (refined and the ablations) gets its
+    networks compiled (from the cache here) and the report records it."""
+    from openmm_cgml import evaluate
+
+    calls = []
+    real = compiled.compile_network
+    monkeypatch.setattr(compiled, "compile_network", lambda kind, *a, **k: calls.append(kind) or real(kind, *a, **k))
+    evaluate.run_evaluation({"tiny": exported_tiny_model}, chain_data_dir, tmp_path / "report", rollout_factor=1.0,
+                            sl_baseline=False, progress=False, measure_md=False, compiled=True)
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["context"]["compiled"] is True
+    runs = metrics["systems"][0]["runs"]
+    learned = [label for label in runs if label.startswith("tiny")]
+    assert len(learned) >= 2 and all("failure" not in runs[label] for label in learned)
+    # one dynamics package per learned run, a score package for the refined one only
+    assert calls.count("dynamics") == len(learned) and calls.count("score") == 1

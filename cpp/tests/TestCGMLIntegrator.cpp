@@ -507,6 +507,35 @@ static void testExcludedVolume() {
     EXPECT_THROW(OpenMMException, step.resolveOverlaps(y, box, 2.5, nullptr), "more than half the periodic box");
 }
 
+// The compiled route's refusals (the packages themselves are made and run from Python:
+// tests/test_compiled.py). A refused package leaves the route in use unchanged.
+static void testCompiledRouteRefusals() {
+    CGMLIntegrator bare(harmonicModel(0.1, 0, 2));
+    ASSERT(bare.getCompiledDynamicsModel().empty() && bare.getCompiledScoreModel().empty());
+    EXPECT_THROW(std::invalid_argument, bare.setCompiledScoreModel("score.pt2"), "needs a score model");
+    EXPECT_THROW(std::invalid_argument, bare.setCompiledDynamicsModel("dynamics.pt2"), "no build_graph method");
+    bare.setCompiledDynamicsModel("");  // back to the archive: always allowed
+    ASSERT(bare.getCompiledDynamicsModel().empty());
+
+    torch::jit::Module module("WithGraph");
+    module.register_attribute("seq_len", c10::IntType::get(), 2);
+    module.register_attribute("step_size_ps", c10::FloatType::get(), 0.5);
+    module.define("def forward(self, history: Tensor, box: Tensor, features: Tensor, bonds: Tensor) -> Tuple[Tensor, Tensor, Tensor]:\n"
+                  "    x = history[-1]\n"
+                  "    return -x, torch.zeros_like(x), torch.zeros([x.size(0), 2])\n"
+                  "def build_graph(self, x: Tensor, box: Tensor, bonds: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:\n"
+                  "    i = torch.arange(x.size(0))\n"
+                  "    return i, i, torch.zeros_like(x), torch.full_like(i, 2)\n");
+    std::ostringstream bytes;
+    module.save(bytes);
+    CGMLIntegrator integrator(bytes.str(), gaussianScore());
+    EXPECT_THROW(std::invalid_argument, integrator.setCompiledDynamicsModel("/nonexistent/dynamics.pt2"),
+                 "cannot load the compiled dynamics network");
+    EXPECT_THROW(std::invalid_argument, integrator.setCompiledScoreModel("/nonexistent/score.pt2"),
+                 "no build_graph method");
+    ASSERT(integrator.getCompiledDynamicsModel().empty() && integrator.getCompiledScoreModel().empty());
+}
+
 void testPluginLoading() {
     const std::vector<std::string> kernel = {IntegrateCGMLStepKernel::Name()};
     ASSERT(!Platform::getPlatformByName("Reference").supportsKernels(kernel));
@@ -530,6 +559,7 @@ int main() {
         testSystemAndModelChecks();
         testLangevinSchedule();
         testExcludedVolume();
+        testCompiledRouteRefusals();
     }
     catch (const std::exception& e) {
         std::cout << "FAIL - ERROR.  Message: " << e.what() << std::endl;

@@ -141,6 +141,12 @@ class DynamicsBase(nn.Module):
         senders, receivers, edge_vec, edge_type = self.graph(history[-1], box, bonds)
         return self.predict(history, features, senders, receivers, edge_vec, edge_type)
 
+    @torch.jit.export
+    def build_graph(self, x: Tensor, box: Tensor, bonds: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The graph ``forward`` builds on the newest frame ``x``; with ``predict`` it
+        splits a call in two, so the network can be compiled alone (docs/contract.md)."""
+        return self.graph(x, box, bonds)
+
     @torch.jit.unused
     def forward_batch(self, history: Tensor, boxes: Tensor, features: Tensor, bonds: Tensor,
                       batch: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

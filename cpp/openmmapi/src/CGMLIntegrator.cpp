@@ -238,6 +238,14 @@ void CGMLIntegrator::setBondLengthLimit(double limit) {
     bondLengthLimit = limit;
 }
 
+void CGMLIntegrator::setCompiledDynamicsModel(const std::string& packagePath) {
+    learnedStep->setCompiledDynamics(packagePath);
+}
+
+const std::string& CGMLIntegrator::getCompiledDynamicsModel() const {
+    return learnedStep->getCompiledDynamicsPath();
+}
+
 void CGMLIntegrator::setCompiledScoreModel(const std::string& packagePath) {
     learnedStep->setCompiledScore(packagePath);
 }

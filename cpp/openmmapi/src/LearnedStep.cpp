@@ -328,11 +328,20 @@ torch::Tensor LearnedStep::runDynamics(const torch::Tensor& history32, const tor
     const int64_t n = history32.size(1);
     torch::IValue output;
     try {
-        output = dynamics.forward({history32, box, features, bonds});
+        if (compiledDynamics.loader) {
+            std::vector<torch::Tensor> result = runCompiled(compiledDynamics, dynamics, history32[history32.size(0) - 1],
+                                                            box, {history32, features}, 3, "dynamics");
+            output = c10::ivalue::Tuple::create({result[0], result[1], result[2]});
+        }
+        else
+            output = dynamics.forward({history32, box, features, bonds});
     }
     catch (const std::exception& e) {
         const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
-        throw OpenMMException("step " + std::to_string(stepNumber) + ": the dynamics model failed (inputs: history " +
+        throw OpenMMException("step " + std::to_string(stepNumber) + ": the " +
+                              (compiledDynamics.loader ? "compiled dynamics network ('" + compiledDynamics.path + "')"
+                                                       : std::string("dynamics model")) +
+                              " failed (inputs: history " +
                               sizesOf(history32) + ", bead features " + sizesOf(features) + ", bonds " + sizesOf(bonds) +
                               (expectedFeatures >= 0 ? ", the model declares num_features = " + std::to_string(expectedFeatures) : "") +
                               "): " + (ce ? ce->what_without_backtrace() : e.what()));
@@ -362,53 +371,67 @@ torch::Tensor LearnedStep::runDynamics(const torch::Tensor& history32, const tor
 
 LearnedStep::~LearnedStep() = default;
 
-void LearnedStep::setCompiledScore(const std::string& packagePath) {
+void LearnedStep::loadCompiled(CompiledNetwork& target, const std::string& packagePath, bool hasModel,
+                               const torch::jit::Module& archive, const std::string& what) {
     if (packagePath.empty()) {
-        compiledScore.reset();
-        compiledScorePath.clear();
+        target = CompiledNetwork();
         return;
     }
-    if (!hasScore)
-        throw std::invalid_argument("a compiled score network needs a score model");
-    if (!score.find_method("build_graph"))
-        throw std::invalid_argument("the score model has no build_graph method (exported before the compiled route "
-                                    "existed): export it again with `cgml export`");
-    std::shared_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+    if (!hasModel)
+        throw std::invalid_argument("a compiled " + what + " network needs a " + what + " model");
+    if (!archive.find_method("build_graph"))
+        throw std::invalid_argument("the " + what + " model has no build_graph method (exported before the "
+                                    "compiled route existed): export it again with `cgml export`");
+    CompiledNetwork loaded;
     try {
-        loader = std::make_shared<torch::inductor::AOTIModelPackageLoader>(packagePath, "model", true);
+        loaded.loader = std::make_shared<torch::inductor::AOTIModelPackageLoader>(packagePath, "model", true);
     }
     catch (const std::exception& e) {
         const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
-        throw std::invalid_argument("cannot load the compiled score network '" + packagePath +
+        throw std::invalid_argument("cannot load the compiled " + what + " network '" + packagePath +
                                     "': " + (ce ? ce->what_without_backtrace() : e.what()));
     }
-    compiledScore = loader;
-    compiledScorePath = packagePath;
+    loaded.path = packagePath;
+    target = loaded;
+}
+
+void LearnedStep::setCompiledDynamics(const std::string& packagePath) {
+    loadCompiled(compiledDynamics, packagePath, true, dynamics, "dynamics");
+}
+
+void LearnedStep::setCompiledScore(const std::string& packagePath) {
+    loadCompiled(compiledScore, packagePath, hasScore, score, "score");
+}
+
+std::vector<torch::Tensor> LearnedStep::runCompiled(const CompiledNetwork& network, const torch::jit::Module& archive,
+                                                    const torch::Tensor& x, const torch::Tensor& box,
+                                                    std::vector<torch::Tensor> inputs, size_t outputs,
+                                                    const std::string& what) {
+    // the graph by the archive (it branches on the data), the network by the package
+    auto graph = archive.get_method("build_graph")({x, box, bonds}).toTuple();
+    for (const auto& item : graph->elements())
+        inputs.push_back(item.toTensor());
+    std::vector<torch::Tensor> result = network.loader->run(inputs);
+    if (result.size() != outputs)
+        throw std::runtime_error("the compiled " + what + " network returned " + std::to_string(result.size()) +
+                                 " tensors, not " + std::to_string(outputs));
+    return result;
 }
 
 torch::Tensor LearnedStep::runScore(const torch::Tensor& x, const torch::Tensor& latent, const torch::Tensor& box,
                                     const torch::Tensor& sigma, long long stepNumber) {
     torch::IValue output;
     try {
-        if (compiledScore) {
-            // the graph by the archive (data-dependent), the network by the package
-            auto graph = score.get_method("build_graph")({x.to(torch::kFloat32), box, bonds}).toTuple();
-            const auto& g = graph->elements();
-            std::vector<torch::Tensor> inputs = {latent.contiguous(), features, sigma,
-                                                 g[0].toTensor(), g[1].toTensor(), g[2].toTensor(), g[3].toTensor()};
-            std::vector<torch::Tensor> result = compiledScore->run(inputs);
-            if (result.size() != 1)
-                throw std::runtime_error("the compiled score network returned " + std::to_string(result.size()) +
-                                         " tensors, not 1");
-            output = result[0];
-        }
+        if (compiledScore.loader)
+            output = runCompiled(compiledScore, score, x.to(torch::kFloat32), box, {latent.contiguous(), features, sigma},
+                                 1, "score")[0];
         else
             output = score.forward({x.to(torch::kFloat32), latent, box, features, bonds, sigma});
     }
     catch (const std::exception& e) {
         const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
         throw OpenMMException("step " + std::to_string(stepNumber) + ": the " +
-                              (compiledScore ? "compiled score network ('" + compiledScorePath + "')" : std::string("score model")) +
+                              (compiledScore.loader ? "compiled score network ('" + compiledScore.path + "')" : std::string("score model")) +
                               " failed (inputs: x " +
                               sizesOf(x) + ", latent " + sizesOf(latent) + ", bead features " + sizesOf(features) +
                               ", bonds " + sizesOf(bonds) + "): " + (ce ? ce->what_without_backtrace() : e.what()));

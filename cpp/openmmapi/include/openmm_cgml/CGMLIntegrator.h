@@ -162,16 +162,18 @@ public:
     void setNumThreads(int threads);
     int getNumThreads() const { return numThreads; }
     /**
-     * Run the score network from an AOTInductor package compiled on this machine
-     * (openmm_cgml.compiled; LearnedSimulator.createIntegrator(compiled=True) makes and
-     * sets one) instead of the archive's TorchScript network; the graph is still built by
-     * the archive. An empty path goes back to the archive. The results agree with the
-     * archive's to float32 round-off. A run-time choice like the thread count, but not
-     * serialized: the package holds machine code for this CPU, so a deserialized or
-     * cloned integrator runs the archive until this is called again. Throws
-     * std::invalid_argument (the current route kept) if there is no score model, the
+     * Run the dynamics (score) network from an AOTInductor package compiled on this
+     * machine (openmm_cgml.compiled; LearnedSimulator.createIntegrator(compiled=True)
+     * makes and sets them) instead of the archive's TorchScript network; the graph is
+     * still built by the archive. An empty path goes back to the archive. The results
+     * agree with the archive's to float32 round-off. A run-time choice like the thread
+     * count, but not serialized: a package holds machine code for this CPU, so a
+     * deserialized integrator runs the archives until these are called again. Throws
+     * std::invalid_argument (the current route kept) if there is no such model, the
      * archive predates the compiled route, or the package cannot be loaded.
      */
+    void setCompiledDynamicsModel(const std::string& packagePath);
+    const std::string& getCompiledDynamicsModel() const;
     void setCompiledScoreModel(const std::string& packagePath);
     const std::string& getCompiledScoreModel() const;
     /** The score model's noise ladder (nm, largest first); empty without a score model. */

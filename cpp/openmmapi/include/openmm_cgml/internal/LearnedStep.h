@@ -107,15 +107,17 @@ public:
     void seed(uint64_t seed);
 
     /**
-     * Run the score network from an AOTInductor package (openmm_cgml.compiled) instead of
-     * the archive's: each score call builds its graph with the archive's build_graph
-     * method and passes it, with (latent, features, sigma), to the package. An empty path
-     * goes back to the archive. Throws std::invalid_argument if there is no score model,
-     * the archive has no build_graph method, or the package cannot be loaded; the current
-     * route is kept then.
+     * Run a network from an AOTInductor package (openmm_cgml.compiled) instead of the
+     * archive's: each call builds its graph with the archive's build_graph method and
+     * passes it to the package, with (history, features) for the dynamics model and
+     * (latent, features, sigma) for the score model. An empty path goes back to the
+     * archive. Throws std::invalid_argument if there is no such model, the archive has no
+     * build_graph method, or the package cannot be loaded; the current route is kept then.
      */
+    void setCompiledDynamics(const std::string& packagePath);
     void setCompiledScore(const std::string& packagePath);
-    const std::string& getCompiledScorePath() const { return compiledScorePath; }
+    const std::string& getCompiledDynamicsPath() const { return compiledDynamics.path; }
+    const std::string& getCompiledScorePath() const { return compiledScore.path; }
 
     /** History [T,N,3] float64, oldest first, or an undefined tensor. */
     const torch::Tensor& getHistory() const { return history; }
@@ -159,9 +161,20 @@ private:
                            const torch::Tensor& sigma, long long stepNumber);
     torch::Tensor normal(int64_t numBeads);
 
+    /** A compiled network in use (loader null: the archive's network). */
+    struct CompiledNetwork {
+        std::shared_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+        std::string path;
+    };
+    static void loadCompiled(CompiledNetwork& target, const std::string& packagePath, bool hasModel,
+                             const torch::jit::Module& archive, const std::string& what);
+    /** The archive's graph on positions x, then the package on (leading inputs ++ graph). */
+    std::vector<torch::Tensor> runCompiled(const CompiledNetwork& network, const torch::jit::Module& archive,
+                                           const torch::Tensor& x, const torch::Tensor& box,
+                                           std::vector<torch::Tensor> inputs, size_t outputs, const std::string& what);
+
     torch::jit::Module dynamics, score;
-    std::shared_ptr<torch::inductor::AOTIModelPackageLoader> compiledScore;  // null: the archive's network
-    std::string compiledScorePath;
+    CompiledNetwork compiledDynamics, compiledScore;
     bool hasScore;
     int seqLen;
     double modelStepSize;
