@@ -5,7 +5,7 @@ far apart (LearnedSimulator.rollout_replicas' layout) advance in one model call 
 step. Prints learned steps per second per replica against K, side by side in one run,
 with and without score refinement; the last line sums it up.
 
-    python benchmarks/replicas.py [--k 1 2 4 8 16 32] [--seconds 3] [--threads 1]
+    python benchmarks/replicas.py [--k 1 2 4 8 16 32] [--seconds 3] [--threads 1] [--compiled]
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--monomers", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compiled", action="store_true",
+                        help="networks compiled for this CPU and each K's size (openmm_cgml.compiled)")
     args = parser.parse_args(argv)
 
     from openmm_cgml.runtime import timed
@@ -40,7 +42,8 @@ def main(argv=None) -> int:
     x = cg.positions.value_in_unit(unit.nanometer)
     spacing = float(np.ptp(x, axis=0).max()) + 4 * float(learned.manifest["model_config"]["cutoff"])
     platform = openmm.Platform.getPlatformByName("CPU")
-    print(f"chain of {args.monomers} monomers -> {cg.n_beads} beads per replica; {args.threads} torch thread(s)")
+    print(f"chain of {args.monomers} monomers -> {cg.n_beads} beads per replica; {args.threads} torch thread(s)"
+          + ("; compiled networks" if args.compiled else ""))
     modes = (False, True) if learned.scorePath is not None else (False,)  # the shipped chain model has no score
     print(f"{'K':>4} {'beads':>6}" + "".join(f" {'steps/s' + (' (score)' if m else ''):>16} {'per replica':>12} "
                                               f"{'gain':>6}" for m in modes))
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
         big, _ = cg.replicate(k, spacing)
         row = [f"{k:>4} {big.n_beads:>6}"]
         for score in modes:
-            integrator = learned.createIntegrator(big, score=score, seed=1)
+            integrator = learned.createIntegrator(big, score=score, seed=1, compiled=args.compiled)
             simulation = app.Simulation(big.topology, big.system, integrator, platform)
             simulation.context.setPositions(big.positions)
             simulation.step(2)
