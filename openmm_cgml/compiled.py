@@ -10,7 +10,7 @@ archive (its ``build_graph`` method): building it branches on the data, which
 torch.export cannot capture.
 
 A package holds machine code for the CPU that compiled it, so it is never shipped: it
-is compiled on first use (~15 s per network here, needs a C++ compiler) into a cache
+is compiled, single-threaded (faster at these sizes), on first use (~15 s per network here, needs a C++ compiler) into a cache
 keyed by the archive's bytes, the torch version, the CPU and the system's size class,
 and checked against the archive before it is cached. The cache is
 ``$OPENMM_CGML_CACHE`` or ``~/.cache/openmm-cgml``.
@@ -34,6 +34,8 @@ from torch import nn
 #: component: float32 round-off of fused kernels, far below any signal
 TOLERANCE = 1e-4
 KINDS = ("dynamics", "score")
+#: what else decides a package's code (part of the cache key)
+COMPILE_SETTINGS = "aoti cpp.threads=1"
 
 
 class DynamicsOnGraph(nn.Module):
@@ -88,6 +90,7 @@ def package_key(archive_bytes: bytes, num_beads: int) -> str:
     (the compiler picks its loops for the size it is shown: a score package made on a
     23-bead chain ran a 122-bead box 2x slower than one made on the box itself)."""
     digest = hashlib.sha256()
+    digest.update(COMPILE_SETTINGS.encode())
     digest.update(archive_bytes)
     digest.update(torch.__version__.encode())
     digest.update(cpu_signature().encode())
@@ -188,7 +191,12 @@ def compile_network(kind: str, archive: str | os.PathLike, model_config: dict, e
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         staged = Path(tmp) / target.name
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(staged))
+        # one thread, whatever this process's torch setting: a package compiled for two
+        # threads ran the 122-bead score network 2x slower on one thread and 1.3x slower
+        # on two than the serial one (2.1 ms), and the setting would otherwise be baked
+        # into whichever package reached the cache first
+        with torch._inductor.config.patch({"cpp.threads": 1}):
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(staged))
         check_package(kind, staged, scripted, model, example)
         os.replace(staged, target)  # atomic: a concurrent reader sees no half-written package
     if log:

@@ -10,6 +10,7 @@ import json
 import pickle
 import shutil
 import time
+import zipfile
 
 import numpy as np
 import openmm
@@ -47,6 +48,24 @@ def case(exported_tiny_model, chain_data_dir, cache):
     integrator = sim.createIntegrator(cg, compiled=True)
     packages = {"dynamics": integrator.getCompiledDynamicsModel(), "score": integrator.getCompiledScoreModel()}
     return sim, cg, history, packages, time.perf_counter() - start
+
+
+def test_packages_are_single_threaded(case, tmp_path):
+    """Compiled under 2 torch threads for a system large enough that the compiler would
+    parallelise (1,000 beads), the kernels have no OpenMP parallel regions: parallel
+    packages were slower at these sizes, and the thread count would be baked in."""
+    sim = case[0]
+    model = compiled.eager_model("score", sim.scorePath, sim.manifest["model_config"])
+    torch.set_num_threads(2)
+    try:
+        package = compiled.compile_network("score", sim.scorePath, sim.manifest["model_config"],
+                                           compiled.chain_example("score", model, 1000, 0), directory=tmp_path,
+                                           log=None)
+    finally:
+        torch.set_num_threads(1)
+    with zipfile.ZipFile(package) as archive:
+        kernels = [archive.read(n).decode() for n in archive.namelist() if n.endswith(".cpp")]
+    assert kernels and not any("omp parallel" in source for source in kernels)
 
 
 def positions_after(sim, cg, history, steps, packages=None, deterministic=False, seed=4, score=True):
