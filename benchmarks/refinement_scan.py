@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compiled", action="store_true",
-                        help="run the refined settings with the score network compiled for this CPU "
+                        help="run every setting with the networks compiled for this CPU "
                              "(openmm_cgml.compiled; the same settings, a faster route)")
     args = parser.parse_args(argv)
 
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
             print(f"  {setting} seed {seed}: {times[-1]:.3g} ms/step, collisions {scores[-1]['collisions']:.3g}"
                   + (f", failed at step {run.failed_at_step}" if run.failed_at_step else ""),
                   file=sys.stderr, flush=True)
-        label = "no refinement" if setting == "none" else f"refined {setting}" + (" compiled" if args.compiled else "")
+        label = ("no refinement" if setting == "none" else f"refined {setting}") + (" compiled" if args.compiled else "")
         rows.append((label, times, scores, failures))
 
     species_names = sorted(ref_obs.msd)

@@ -48,7 +48,7 @@ def learned_speed(learned, cg, score: bool, seconds: float, threads: int, langev
                   compiled: bool = False) -> float:
     """Simulated ps per wall-clock second of ``learned`` on ``cg``; ``langevin``: overrides
     of the refinement settings (createIntegrator's langevin* arguments); ``compiled``: the
-    score network compiled for this CPU (compiled before the timing starts)."""
+    networks compiled for this CPU (compiled before the timing starts)."""
     from openmm_cgml.runtime import timed
 
     integrator = learned.createIntegrator(cg, score=score, seed=1, compiled=compiled,

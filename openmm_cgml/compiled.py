@@ -10,7 +10,7 @@ archive (its ``build_graph`` method): building it branches on the data, which
 torch.export cannot capture.
 
 A package holds machine code for the CPU that compiled it, so it is never shipped: it
-is compiled, single-threaded (faster at these sizes), on first use (~15 s per network here, needs a C++ compiler) into a cache
+is compiled (Inductor's kernels single-threaded: faster at these sizes) on first use (~15 s per network here, needs a C++ compiler) into a cache
 keyed by the archive's bytes, the torch version, the CPU and the system's size class,
 and checked against the archive before it is cached. The cache is
 ``$OPENMM_CGML_CACHE`` or ``~/.cache/openmm-cgml``.
@@ -24,6 +24,7 @@ import platform
 import shutil
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from torch import nn
 TOLERANCE = 1e-4
 KINDS = ("dynamics", "score")
 #: what else decides a package's code (part of the cache key)
-COMPILE_SETTINGS = "aoti cpp.threads=1"
+COMPILE_SETTINGS = "aoti cpp.threads=1 metadata=kind,archive"
 
 
 class DynamicsOnGraph(nn.Module):
@@ -65,16 +66,17 @@ def cache_dir() -> Path:
 
 
 def cpu_signature() -> str:
-    """The CPU's model name and instruction-set flags (what compiled code depends on)."""
+    """The first processor's block of /proc/cpuinfo (model, instruction-set flags; on
+    ARM also the part number), without the lines that change while it runs."""
     text = platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                key = line.split(":")[0].strip()
-                if key in ("model name", "flags", "Features", "CPU part"):
+                if not line.strip():
+                    break  # the end of the first processor's block
+                if line.split(":")[0].strip() not in ("cpu MHz", "bogomips", "BogoMIPS", "processor", "core id",
+                                                       "apicid", "initial apicid"):
                     text += "\n" + line.strip()
-                if key in ("flags", "Features"):
-                    break
     except OSError:
         text += "\n" + platform.processor()
     return text
@@ -168,20 +170,38 @@ def _dynamic_shapes(kind: str) -> tuple:
     return ({0: beads}, {0: beads}, None, *graph)
 
 
-def compile_network(kind: str, archive: str | os.PathLike, model_config: dict, example: tuple | None = None,
-                    directory: str | os.PathLike | None = None, log=print) -> Path:
+def archive_fingerprint(archive_bytes: bytes) -> str:
+    """``"<bytes>:<crc32 hex>"`` of an archive: written into each package's metadata and
+    compared by the C++ step (LearnedStep::archiveFingerprint), so a package runs only
+    with the archive it was compiled from (not a guard against a malicious author)."""
+    return f"{len(archive_bytes)}:{zlib.crc32(archive_bytes):08x}"
+
+
+def compile_network(kind: str, archive: str | os.PathLike, model_config: dict, system: tuple | None = None,
+                    example: tuple | None = None, directory: str | os.PathLike | None = None, log=print) -> Path:
     """Path of the compiled network of ``archive`` (a ``.pt2`` package; ``kind``
-    "dynamics" or "score") for systems the size of ``example`` (:func:`system_example`;
-    default a 23-bead chain): from the cache if it is there, else compiled, checked
-    against the archive (on the example and on chains of two other sizes), and stored.
-    RuntimeError if the compiled network disagrees with the archive."""
+    "dynamics" or "score") for ``system`` = (positions [N, 3] nm, box or None, bead
+    features, CG bonds), or for the network inputs ``example``, or else for a 23-bead
+    chain: from the cache if it is there (nothing else is loaded then), else compiled,
+    checked against the archive (on the example and on chains of two other sizes), and
+    stored. RuntimeError if the compiled network disagrees with the archive; ValueError
+    for fewer than 2 beads."""
+    _check_kind(kind)
+    if system is not None:
+        num_beads = len(system[0])
+    elif example is not None:
+        num_beads = example[0].shape[1 if kind == "dynamics" else 0]
+    else:
+        num_beads = 23
+    if num_beads < 2:
+        raise ValueError(f"compiled networks need at least 2 beads, the system has {num_beads}")
     archive_bytes = Path(archive).read_bytes()
-    model = eager_model(kind, archive, model_config)
-    example = chain_example(kind, model, 23, 0) if example is None else example
-    num_beads = example[0].shape[1 if kind == "dynamics" else 0]
     target = Path(directory or cache_dir()) / package_key(archive_bytes, num_beads) / f"{kind}.pt2"
     if target.is_file():
         return target
+    model = eager_model(kind, archive, model_config)
+    if example is None:
+        example = system_example(kind, model, *system) if system is not None else chain_example(kind, model, 23, 0)
     scripted = torch.jit.load(str(archive), map_location="cpu").eval()
     if log:
         log(f"compiling the {kind} network for this CPU (once; cached in {target.parent}) ...")
@@ -189,14 +209,20 @@ def compile_network(kind: str, archive: str | os.PathLike, model_config: dict, e
     with torch.no_grad():
         exported = torch.export.export(_on_graph(kind, model), example, dynamic_shapes=_dynamic_shapes(kind))
     target.parent.mkdir(parents=True, exist_ok=True)
+    settings = {
+        # Inductor's kernels single-threaded, whatever this process's torch setting (the
+        # ATen matmuls they call still follow it): kernels for two threads ran the
+        # 122-bead score network 2x slower on one thread and 1.3x slower on two than
+        # serial ones (2.1 ms), and the setting would otherwise be baked into whichever
+        # package reached the cache first
+        "cpp.threads": 1,
+        # what the C++ step checks before it runs the package
+        "aot_inductor.metadata": {"openmm_cgml_kind": kind,
+                                  "openmm_cgml_archive": archive_fingerprint(archive_bytes)},
+    }
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         staged = Path(tmp) / target.name
-        # one thread, whatever this process's torch setting: a package compiled for two
-        # threads ran the 122-bead score network 2x slower on one thread and 1.3x slower
-        # on two than the serial one (2.1 ms), and the setting would otherwise be baked
-        # into whichever package reached the cache first
-        with torch._inductor.config.patch({"cpp.threads": 1}):
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(staged))
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(staged), inductor_configs=settings)
         check_package(kind, staged, scripted, model, example)
         os.replace(staged, target)  # atomic: a concurrent reader sees no half-written package
     if log:
@@ -206,7 +232,8 @@ def compile_network(kind: str, archive: str | os.PathLike, model_config: dict, e
 
 def check_package(kind: str, package: str | os.PathLike, scripted, model: nn.Module, example: tuple) -> float:
     """Largest relative difference between the package and the archive's network on
-    ``example`` and on chains of 17 and 41 beads; RuntimeError above TOLERANCE."""
+    ``example`` and on chains of 17 and 41 beads; RuntimeError above TOLERANCE or for
+    any non-finite output."""
     compiled = torch._inductor.aoti_load_package(str(package))
     reference = scripted.predict if kind == "dynamics" else scripted.score_on_graph
     worst = 0.0
@@ -218,7 +245,10 @@ def check_package(kind: str, package: str | os.PathLike, scripted, model: nn.Mod
             if len(got) != len(want):
                 raise RuntimeError(f"the compiled {kind} network returns {len(got)} outputs, the archive {len(want)}")
             for a, b in zip(got, want):
-                worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)))
+                difference = float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+                if not math.isfinite(difference):  # max() would drop a NaN
+                    raise RuntimeError(f"the compiled {kind} network gives non-finite outputs; it was not cached")
+                worst = max(worst, difference)
     if not worst <= TOLERANCE:
         raise RuntimeError(f"the compiled {kind} network differs from the archive by {worst:.2e} (relative; "
                            f"tolerance {TOLERANCE:g}); it was not cached")

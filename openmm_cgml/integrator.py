@@ -276,8 +276,8 @@ class CGMLIntegrator(openmm.Integrator):
         agree with the archive's to float32 round-off. Copies (``copy.copy``,
         ``copy.deepcopy``) keep it; XML and pickles do not (the package is machine code for
         this CPU): a deserialized integrator runs the archive until this is called again.
-        ValueError if the archive predates the compiled route or the package cannot be
-        loaded."""
+        ValueError if the archive predates the compiled route, the package cannot be
+        loaded, or it was compiled from another network or archive."""
         self._impl.setCompiledDynamicsModel("" if package is None else os.fspath(package))
 
     def getCompiledDynamicsModel(self) -> str:

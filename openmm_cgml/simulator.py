@@ -429,8 +429,9 @@ class LearnedSimulator:
         and ``bondLengthLimit`` (nm or length Quantities; 0 turns them off) override the
         model's distance limits (its ``exclusion_distance_nm`` / ``bond_length_limit_nm``,
         from the training data). ``compiled=True`` runs the dynamics and score networks
-        compiled for this CPU and this system's size (:mod:`openmm_cgml.compiled`: ~1.4x
-        faster refined steps; compiled once, ~15 s per network, then cached)."""
+        compiled for this CPU and this system's size (:mod:`openmm_cgml.compiled`: ~1.5x
+        faster refined steps; compiled once, ~10-15 s per network, then cached; at least
+        2 beads)."""
         from openmm_cgml.integrator import CGMLIntegrator
 
         if bool(cg.periodic) != self.periodic or (cg.periodic and (cg.box is None or not np.any(cg.box))):
@@ -457,15 +458,13 @@ class LearnedSimulator:
         if bondLengthLimit is not None:
             integrator.setBondLengthLimit(bondLengthLimit)
         if compiled:
-            from openmm_cgml.compiled import compile_network, eager_model, system_example
+            from openmm_cgml.compiled import compile_network
 
-            config = self.manifest["model_config"]
+            system = (_nm(cg.positions), cg.box if cg.periodic else None, cg.features, cg.bonds)
             for kind, archive, attach in (("dynamics", self.dynamicsPath, integrator.setCompiledDynamicsModel),
                                           ("score", score_path, integrator.setCompiledScoreModel)):
                 if archive is not None:
-                    example = system_example(kind, eager_model(kind, archive, config), _nm(cg.positions),
-                                             cg.box if cg.periodic else None, cg.features, cg.bonds)
-                    attach(compile_network(kind, archive, config, example))
+                    attach(compile_network(kind, archive, self.manifest["model_config"], system))
         return integrator
 
     def rollout(self, cg: CGSystem, history, n_steps: int, *, score: bool = True, seed: int = 1,

@@ -59,7 +59,7 @@ def test_packages_are_single_threaded(case, tmp_path):
     torch.set_num_threads(2)
     try:
         package = compiled.compile_network("score", sim.scorePath, sim.manifest["model_config"],
-                                           compiled.chain_example("score", model, 1000, 0), directory=tmp_path,
+                                           example=compiled.chain_example("score", model, 1000, 0), directory=tmp_path,
                                            log=None)
     finally:
         torch.set_num_threads(1)
@@ -95,13 +95,17 @@ def test_compiled_rollout_matches_the_archives(case):
     assert np.abs(bare - positions_after(sim, cg, history, 5, packages, deterministic=True)).max() > 1e-3
 
 
-def test_packages_are_cached_per_archive_cpu_and_size(case, cache):
-    sim, cg, history, packages, first_seconds = case
-    start = time.perf_counter()
+def test_packages_are_cached_per_archive_cpu_and_size(case, cache, monkeypatch):
+    sim, cg, history, packages, _ = case
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cache hit must not load, export or compile anything")
+
+    monkeypatch.setattr(compiled, "eager_model", refuse)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
     again = sim.createIntegrator(cg, compiled=True)
     assert again.getCompiledScoreModel() == packages["score"]
     assert again.getCompiledDynamicsModel() == packages["dynamics"]
-    assert time.perf_counter() - start < first_seconds / 3
     score_bytes = sim.scorePath.read_bytes()
     key = compiled.package_key(score_bytes, cg.n_beads)
     assert packages["score"].startswith(str(cache)) and key in packages["score"]
@@ -109,6 +113,22 @@ def test_packages_are_cached_per_archive_cpu_and_size(case, cache):
     assert key != compiled.package_key(score_bytes, 64 * cg.n_beads)
     assert key != compiled.package_key(score_bytes + b"x", cg.n_beads)
     assert compiled.size_class(100) == compiled.size_class(120) == 128 and compiled.size_class(3) == 4
+    with pytest.raises(ValueError, match="at least 2 beads"):
+        compiled.compile_network("score", sim.scorePath, sim.manifest["model_config"],
+                                 (np.zeros((1, 3)), None, cg.features[:1], np.zeros((0, 2))))
+
+
+def test_archive_fingerprint_is_crc32_and_non_finite_packages_are_refused(case, monkeypatch):
+    assert compiled.archive_fingerprint(b"123456789") == "9:cbf43926"  # the CRC-32 check value
+    sim, cg, history, packages, _ = case
+    model = compiled.eager_model("score", sim.scorePath, sim.manifest["model_config"])
+    scripted = torch.jit.load(str(sim.scorePath))
+    example = compiled.chain_example("score", model, 12, 0)
+    assert compiled.check_package("score", packages["score"], scripted, model, example) <= compiled.TOLERANCE
+    monkeypatch.setattr(torch._inductor, "aoti_load_package",
+                        lambda path: lambda *inputs: torch.full((inputs[0].shape[0], 3), float("nan")))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        compiled.check_package("score", packages["score"], scripted, model, example)
 
 
 def test_a_package_that_disagrees_is_refused_and_not_cached_and_the_step_runs_the_package(case, tmp_path,
@@ -166,15 +186,14 @@ def test_route_switches_and_refusals(case, tmp_path):
     with pytest.raises(ValueError, match="cannot load the compiled dynamics network"):
         integrator.setCompiledDynamicsModel(tmp_path / "missing.pt2")
     assert integrator.getCompiledDynamicsModel() == packages["dynamics"]  # the route in use is kept
-    # a package of the other network fails at the first step, named, and the state is kept
-    integrator.setCompiledDynamicsModel(packages["score"])
-    simulation = app.Simulation(cg.topology, cg.system, integrator)
-    integrator.setHistory(history[-integrator.getSequenceLength():])
-    before = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)._value
-    with pytest.raises(openmm.OpenMMException, match="compiled dynamics network .* failed"):
-        simulation.step(1)
-    np.testing.assert_array_equal(simulation.context.getState(getPositions=True).getPositions(asNumpy=True)._value,
-                                  before)
+    # a package runs only with the network and archive it was compiled from
+    with pytest.raises(ValueError, match="is a compiled score network, not dynamics"):
+        integrator.setCompiledDynamicsModel(packages["score"])
+    shipped = openmm_cgml.LearnedSimulator.pretrained("chain")
+    other = CGMLIntegrator(shipped.dynamicsPath)
+    with pytest.raises(ValueError, match="compiled from another dynamics archive"):
+        other.setCompiledDynamicsModel(packages["dynamics"])
+    assert integrator.getCompiledDynamicsModel() == packages["dynamics"] and other.getCompiledDynamicsModel() == ""
     bare = sim.createIntegrator(cg, score=False)
     with pytest.raises(ValueError, match="needs a score model"):
         bare.setCompiledScoreModel(packages["score"])
@@ -223,9 +242,15 @@ def test_evaluate_runs_every_learned_run_compiled(case, exported_tiny_model, cha
     networks compiled (from the cache here) and the report records it."""
     from openmm_cgml import evaluate
 
-    calls = []
+    packages = case[3]
+    calls, attached = [], []
     real = compiled.compile_network
     monkeypatch.setattr(compiled, "compile_network", lambda kind, *a, **k: calls.append(kind) or real(kind, *a, **k))
+    for kind in ("Dynamics", "Score"):
+        setter = getattr(CGMLIntegrator, f"setCompiled{kind}Model")
+        monkeypatch.setattr(CGMLIntegrator, f"setCompiled{kind}Model",
+                            lambda self, path, setter=setter, kind=kind: attached.append((kind, str(path)))
+                            or setter(self, path))
     evaluate.run_evaluation({"tiny": exported_tiny_model}, chain_data_dir, tmp_path / "report", rollout_factor=1.0,
                             sl_baseline=False, progress=False, measure_md=False, compiled=True)
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
@@ -235,3 +260,4 @@ def test_evaluate_runs_every_learned_run_compiled(case, exported_tiny_model, cha
     assert len(learned) >= 2 and all("failure" not in runs[label] for label in learned)
     # one dynamics package per learned run, a score package for the refined one only
     assert calls.count("dynamics") == len(learned) and calls.count("score") == 1
+    assert sorted(set(attached)) == sorted({("Dynamics", packages["dynamics"]), ("Score", packages["score"])})

@@ -190,3 +190,15 @@ def test_dense_all_pairs_graph_equals_cell_list_graph(box_name):
         assert max(float((got[k][0] - want[k][0]).abs().max()) for k in want) < 1e-5, f"{name}: edge vectors differ"
     receivers = graphs["dense"][1]
     assert bool((receivers[1:] >= receivers[:-1]).all()), "the all-pairs graph is ordered by receiver"
+    # and both against the brute-force image search, bonds added in both directions
+    bonded = {(int(a), int(b)) for a, b in bonds} | {(int(b), int(a)) for a, b in bonds}
+    assert set(as_dict["dense"]) == brute_force_pairs(pos.double(), box.double(), 0.7, images=6) | bonded
+
+
+@pytest.mark.parametrize("n", [0, 1])
+@pytest.mark.parametrize("box_name", ["none", "orthorhombic", "rotated_triclinic"])
+def test_all_pairs_graph_of_zero_or_one_bead(n, box_name):
+    box = BOXES[box_name].to(torch.float32)
+    for fn in (build_graph, torch.jit.script(build_graph)):
+        s, r, v, t = fn(torch.rand(n, 3), box, torch.zeros(0, 2, dtype=torch.long), 0.7, "all_pairs")
+        assert s.tolist() == r.tolist() == list(range(n)) and v.shape == (n, 3) and t.tolist() == [EDGE_SELF] * n

@@ -510,6 +510,9 @@ static void testExcludedVolume() {
 // The compiled route's refusals (the packages themselves are made and run from Python:
 // tests/test_compiled.py). A refused package leaves the route in use unchanged.
 static void testCompiledRouteRefusals() {
+    // the fingerprint a package must carry: CRC-32 as zlib computes it (check value of "123456789")
+    ASSERT(LearnedStep::archiveFingerprint("123456789") == "9:cbf43926");
+    ASSERT(LearnedStep::archiveFingerprint("") == "0:00000000");
     CGMLIntegrator bare(harmonicModel(0.1, 0, 2));
     ASSERT(bare.getCompiledDynamicsModel().empty() && bare.getCompiledScoreModel().empty());
     EXPECT_THROW(std::invalid_argument, bare.setCompiledScoreModel("score.pt2"), "needs a score model");

@@ -12,6 +12,8 @@
 #include <ostream>
 #include <sstream>
 #include <stdexcept>
+#include <unordered_map>
+#include <cstdio>
 
 using namespace CGML;
 using OpenMM::OpenMMException;
@@ -191,6 +193,7 @@ LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& sc
       defaultBondLengthLimit(0.0), exclusionCorrections(0), bondLimitCorrections(0),
       generator(at::make_generator<at::CPUGeneratorImpl>(0)) {
     dynamics = loadArchive(dynamicsBytes, "dynamics");
+    dynamicsFingerprint = archiveFingerprint(dynamicsBytes);
     seqLen = requireInt(dynamics, "dynamics", "seq_len");
     modelStepSize = requireDouble(dynamics, "dynamics", "step_size_ps");
     if (seqLen < 1 || seqLen > maxSequenceLength)
@@ -216,6 +219,7 @@ LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& sc
         throw std::invalid_argument("the dynamics model has no forward method");
     if (hasScore) {
         score = loadArchive(scoreBytes, "score");
+        scoreFingerprint = archiveFingerprint(scoreBytes);
         torch::IValue ladder = requireAttribute(score, "score", "sigmas");
         if (!ladder.isTensor())
             throw std::invalid_argument("the score model's attribute 'sigmas' must be a tensor");
@@ -371,8 +375,21 @@ torch::Tensor LearnedStep::runDynamics(const torch::Tensor& history32, const tor
 
 LearnedStep::~LearnedStep() = default;
 
+std::string LearnedStep::archiveFingerprint(const std::string& bytes) {
+    uint32_t crc = 0xFFFFFFFFu;  // CRC-32 (IEEE, reflected), as zlib.crc32
+    for (unsigned char byte : bytes) {
+        crc ^= byte;
+        for (int bit = 0; bit < 8; bit++)
+            crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+    }
+    char hex[9];
+    std::snprintf(hex, sizeof(hex), "%08x", crc ^ 0xFFFFFFFFu);
+    return std::to_string(bytes.size()) + ":" + hex;
+}
+
 void LearnedStep::loadCompiled(CompiledNetwork& target, const std::string& packagePath, bool hasModel,
-                               const torch::jit::Module& archive, const std::string& what) {
+                               const torch::jit::Module& archive, const std::string& fingerprint,
+                               const std::string& what) {
     if (packagePath.empty()) {
         target = CompiledNetwork();
         return;
@@ -391,16 +408,28 @@ void LearnedStep::loadCompiled(CompiledNetwork& target, const std::string& packa
         throw std::invalid_argument("cannot load the compiled " + what + " network '" + packagePath +
                                     "': " + (ce ? ce->what_without_backtrace() : e.what()));
     }
+    // a package runs only with the archive it was compiled from (its graph, its weights)
+    std::unordered_map<std::string, std::string> metadata = loaded.loader->get_metadata();
+    auto kind = metadata.find("openmm_cgml_kind");
+    auto source = metadata.find("openmm_cgml_archive");
+    if (kind == metadata.end() || source == metadata.end())
+        throw std::invalid_argument("'" + packagePath + "' was not made by openmm_cgml.compiled (no archive in its "
+                                    "metadata)");
+    if (kind->second != what)
+        throw std::invalid_argument("'" + packagePath + "' is a compiled " + kind->second + " network, not " + what);
+    if (source->second != fingerprint)
+        throw std::invalid_argument("'" + packagePath + "' was compiled from another " + what + " archive (" +
+                                    source->second + ", this one is " + fingerprint + "): compile it again");
     loaded.path = packagePath;
     target = loaded;
 }
 
 void LearnedStep::setCompiledDynamics(const std::string& packagePath) {
-    loadCompiled(compiledDynamics, packagePath, true, dynamics, "dynamics");
+    loadCompiled(compiledDynamics, packagePath, true, dynamics, dynamicsFingerprint, "dynamics");
 }
 
 void LearnedStep::setCompiledScore(const std::string& packagePath) {
-    loadCompiled(compiledScore, packagePath, hasScore, score, "score");
+    loadCompiled(compiledScore, packagePath, hasScore, score, scoreFingerprint, "score");
 }
 
 std::vector<torch::Tensor> LearnedStep::runCompiled(const CompiledNetwork& network, const torch::jit::Module& archive,

@@ -114,6 +114,12 @@ public:
      * archive. Throws std::invalid_argument if there is no such model, the archive has no
      * build_graph method, or the package cannot be loaded; the current route is kept then.
      */
+    /**
+     * "<bytes>:<crc32 hex>" of an archive (openmm_cgml.compiled.archive_fingerprint): a
+     * package made by openmm_cgml.compiled carries its archive's in its metadata, and
+     * runs only with that archive.
+     */
+    static std::string archiveFingerprint(const std::string& bytes);
     void setCompiledDynamics(const std::string& packagePath);
     void setCompiledScore(const std::string& packagePath);
     const std::string& getCompiledDynamicsPath() const { return compiledDynamics.path; }
@@ -167,7 +173,7 @@ private:
         std::string path;
     };
     static void loadCompiled(CompiledNetwork& target, const std::string& packagePath, bool hasModel,
-                             const torch::jit::Module& archive, const std::string& what);
+                             const torch::jit::Module& archive, const std::string& fingerprint, const std::string& what);
     /** The archive's graph on positions x, then the package on (leading inputs ++ graph). */
     std::vector<torch::Tensor> runCompiled(const CompiledNetwork& network, const torch::jit::Module& archive,
                                            const torch::Tensor& x, const torch::Tensor& box,
@@ -175,6 +181,7 @@ private:
 
     torch::jit::Module dynamics, score;
     CompiledNetwork compiledDynamics, compiledScore;
+    std::string dynamicsFingerprint, scoreFingerprint;  // archiveFingerprint of the archives' bytes
     bool hasScore;
     int seqLen;
     double modelStepSize;
