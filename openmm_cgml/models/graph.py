@@ -41,6 +41,9 @@ def reduced_box_frame(box: Tensor) -> Tuple[Tensor, Tensor]:
     as ``v @ q.T``."""
     if box.dim() != 2 or box.size(0) != 3 or box.size(1) != 3:
         raise ValueError("box must be [3, 3] with the box vectors as rows")
+    if _is_diagonal(box) and bool((torch.diagonal(box) > 0).all()):
+        # rectangular (the common case): its own reduced frame, the reduction a no-op
+        return torch.eye(3, dtype=box.dtype, device=box.device), box
     upper = torch.stack([box[0, 1], box[0, 2], box[1, 2]])
     if bool((upper == 0).all()) and bool((torch.diagonal(box) > 0).all()):
         q = torch.eye(3, dtype=box.dtype, device=box.device)
@@ -66,6 +69,8 @@ def reduced_box_frame(box: Tensor) -> Tuple[Tensor, Tensor]:
 
 def perpendicular_widths(box: Tensor) -> Tensor:
     """Distance between opposite faces of the cell, for each of the three axes."""
+    if _is_diagonal(box):
+        return torch.abs(torch.diagonal(box))
     volume = torch.abs(torch.linalg.det(box))
     crosses = torch.stack(
         [
@@ -78,10 +83,7 @@ def perpendicular_widths(box: Tensor) -> Tensor:
 
 
 def check_cutoff_fits_box(reduced_box: Tensor, cutoff: float):
-    _check_min_width(float(perpendicular_widths(reduced_box).min()), cutoff)
-
-
-def _check_min_width(min_width: float, cutoff: float):
+    min_width = float(perpendicular_widths(reduced_box).min())
     if 2.0 * cutoff > min_width:
         raise ValueError(
             "cutoff {} nm exceeds half the smallest box width {} nm: the minimum image "
@@ -89,11 +91,18 @@ def _check_min_width(min_width: float, cutoff: float):
         )
 
 
-def minimum_image(vec: Tensor, reduced_box: Tensor) -> Tensor:
-    """Minimum-image vectors for a reduced lower-triangular box (OpenMM's algorithm)."""
-    vec = vec - torch.round(vec[:, 2:3] / reduced_box[2, 2]) * reduced_box[2]
-    vec = vec - torch.round(vec[:, 1:2] / reduced_box[1, 1]) * reduced_box[1]
-    vec = vec - torch.round(vec[:, 0:1] / reduced_box[0, 0]) * reduced_box[0]
+def minimum_image(vec: Tensor, reduced_box: Tensor, axis: int = 1) -> Tensor:
+    """Minimum-image vectors for a reduced lower-triangular box (OpenMM's algorithm).
+    ``axis``: where the three components lie (1: [E, 3]; 0: axis-major [3, ...])."""
+    shape = [1] * vec.dim()
+    shape[axis] = 3
+    if _is_diagonal(reduced_box):
+        # rectangular: the axes wrap independently, in one broadcast (bit for bit the
+        # same as the loop, whose off-diagonal terms are zeros)
+        lengths = torch.diagonal(reduced_box).reshape(shape)
+        return vec - torch.round(vec / lengths) * lengths
+    for k in [2, 1, 0]:
+        vec = vec - torch.round(vec.narrow(axis, k, 1) / reduced_box[k, k]) * reduced_box[k].reshape(shape)
     return vec
 
 
@@ -107,11 +116,8 @@ def _is_identity(q: Tensor) -> bool:
 
 def _wrap(vec: Tensor, q: Tensor, reduced_box: Tensor) -> Tensor:
     """Minimum images of displacement vectors [E, 3], in the original frame."""
-    if _is_identity(q) and _is_diagonal(reduced_box):
-        # rectangular box in its own frame: the axes wrap independently (the same
-        # arithmetic as minimum_image, in one broadcast)
-        lengths = torch.diagonal(reduced_box)
-        return vec - torch.round(vec / lengths) * lengths
+    if _is_identity(q):
+        return minimum_image(vec, reduced_box)
     return minimum_image(vec @ q, reduced_box) @ q.transpose(0, 1)
 
 
@@ -134,13 +140,7 @@ def _pair_vectors(pos: Tensor, periodic: bool, q: Tensor, reduced_box: Tensor) -
     coords = frame.t().contiguous()
     vec = coords.unsqueeze(1) - coords.unsqueeze(2)
     if periodic:
-        if _is_diagonal(reduced_box):
-            lengths = torch.diagonal(reduced_box).reshape(3, 1, 1)
-            vec = vec - torch.round(vec / lengths) * lengths
-        else:
-            # minimum_image's algorithm, axis-major
-            for axis in [2, 1, 0]:
-                vec = vec - torch.round(vec[axis] / reduced_box[axis, axis]) * reduced_box[axis].reshape(3, 1, 1)
+        vec = minimum_image(vec, reduced_box, 0)
     return vec, rotated
 
 
@@ -257,17 +257,10 @@ def _search_frame(pos: Tensor, box: Tensor, cutoff: float) -> Tuple[bool, Tensor
         raise ValueError("positions must be [N, 3]")
     if cutoff <= 0.0:
         raise ValueError("cutoff must be positive")
-    periodic = is_periodic(box)
-    q = torch.eye(3, dtype=pos.dtype, device=pos.device)
-    if not periodic:
-        return False, q, torch.zeros(3, 3, dtype=pos.dtype, device=pos.device)
-    box = box.to(pos.dtype)
-    lengths = torch.diagonal(box)
-    if _is_diagonal(box) and bool((lengths > 0).all()):
-        # rectangular (the common case): already reduced, its widths are its edges
-        _check_min_width(float(lengths.min()), cutoff)
-        return True, q, box
-    q, reduced = reduced_box_frame(box)
+    if not is_periodic(box):
+        return False, torch.eye(3, dtype=pos.dtype, device=pos.device), torch.zeros(3, 3, dtype=pos.dtype,
+                                                                                    device=pos.device)
+    q, reduced = reduced_box_frame(box.to(pos.dtype))
     check_cutoff_fits_box(reduced, cutoff)
     return True, q, reduced
 
@@ -442,8 +435,8 @@ def _displacements_batched(pos: Tensor, senders: Tensor, receivers: Tensor, batc
             check_cutoff_fits_box(reduced, cutoff)
         if starts is not None and lengths is not None:
             block = vec.narrow(0, int(starts[g]), int(lengths[g]))
-            block.copy_(minimum_image(block @ q, reduced) @ q.transpose(0, 1))
+            block.copy_(_wrap(block, q, reduced))
         elif graph is not None:
             mine = graph == g
-            vec[mine] = minimum_image(vec[mine] @ q, reduced) @ q.transpose(0, 1)
+            vec[mine] = _wrap(vec[mine], q, reduced)
     return vec
