@@ -10,10 +10,11 @@ archive (its ``build_graph`` method): building it branches on the data, which
 torch.export cannot capture.
 
 A package holds machine code for the CPU that compiled it, so it is never shipped: it
-is compiled (Inductor's kernels single-threaded: faster at these sizes) on first use (~15 s per network here, needs a C++ compiler) into a cache
-keyed by the archive's bytes, the torch version, the CPU and the system's size class,
-and checked against the archive before it is cached. The cache is
-``$OPENMM_CGML_CACHE`` or ``~/.cache/openmm-cgml``.
+is compiled on first use (~10-15 s per network here, needs a C++ compiler; Inductor's
+kernels single-threaded, faster at these sizes) into a cache keyed by the archive's
+bytes, the torch version, the CPU and the system's size class, and checked against the
+archive before it is cached. The cache is ``$OPENMM_CGML_CACHE`` or
+``~/.cache/openmm-cgml``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import hashlib
 import math
 import os
 import platform
-import shutil
 import tempfile
 import time
 import zlib
@@ -107,10 +107,13 @@ def _check_kind(kind: str) -> None:
 def eager_model(kind: str, archive: str | os.PathLike, model_config: dict) -> nn.Module:
     """The PyTorch module of an exported archive: built from the manifest's model
     configuration, with the archive's weights and buffers."""
+    return _eager_from(kind, torch.jit.load(str(archive), map_location="cpu"), archive, model_config)
+
+
+def _eager_from(kind: str, scripted, archive, model_config: dict) -> nn.Module:
     from .models import ModelConfig, build_dynamics_model, build_score_model
 
     _check_kind(kind)
-    scripted = torch.jit.load(str(archive), map_location="cpu")
     if not hasattr(scripted, "build_graph"):
         raise ValueError(f"{archive} has no build_graph method: it was exported before the compiled route "
                          "existed; export the checkpoint again with `cgml export`")
@@ -199,10 +202,10 @@ def compile_network(kind: str, archive: str | os.PathLike, model_config: dict, s
     target = Path(directory or cache_dir()) / package_key(archive_bytes, num_beads) / f"{kind}.pt2"
     if target.is_file():
         return target
-    model = eager_model(kind, archive, model_config)
+    scripted = torch.jit.load(str(archive), map_location="cpu").eval()
+    model = _eager_from(kind, scripted, archive, model_config)
     if example is None:
         example = system_example(kind, model, *system) if system is not None else chain_example(kind, model, 23, 0)
-    scripted = torch.jit.load(str(archive), map_location="cpu").eval()
     if log:
         log(f"compiling the {kind} network for this CPU (once; cached in {target.parent}) ...")
     start = time.perf_counter()
@@ -253,7 +256,3 @@ def check_package(kind: str, package: str | os.PathLike, scripted, model: nn.Mod
         raise RuntimeError(f"the compiled {kind} network differs from the archive by {worst:.2e} (relative; "
                            f"tolerance {TOLERANCE:g}); it was not cached")
     return worst
-
-
-def clear_cache(directory: str | os.PathLike | None = None) -> None:
-    shutil.rmtree(Path(directory or cache_dir()), ignore_errors=True)

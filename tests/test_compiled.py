@@ -101,7 +101,8 @@ def test_packages_are_cached_per_archive_cpu_and_size(case, cache, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a cache hit must not load, export or compile anything")
 
-    monkeypatch.setattr(compiled, "eager_model", refuse)
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    monkeypatch.setattr(compiled, "_eager_from", refuse)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
     again = sim.createIntegrator(cg, compiled=True)
     assert again.getCompiledScoreModel() == packages["score"]
@@ -137,7 +138,7 @@ def test_a_package_that_disagrees_is_refused_and_not_cached_and_the_step_runs_th
     the archive and is not cached; set anyway, it changes the rollout: the C++ step does
     run the package, not the archive's network."""
     sim, cg, history, packages, _ = case
-    real_eager, real_check = compiled.eager_model, compiled.check_package
+    real_eager, real_check = compiled._eager_from, compiled.check_package
     kept = tmp_path / "other.pt2"
 
     def other_network(*args):
@@ -151,7 +152,7 @@ def test_a_package_that_disagrees_is_refused_and_not_cached_and_the_step_runs_th
         shutil.copy(staged, kept)
         return real_check(kind, staged, *args)
 
-    monkeypatch.setattr(compiled, "eager_model", other_network)
+    monkeypatch.setattr(compiled, "_eager_from", other_network)
     monkeypatch.setattr(compiled, "check_package", keep_then_check)
     with pytest.raises(RuntimeError, match="differs from the archive .* not cached"):
         compiled.compile_network("score", sim.scorePath, sim.manifest["model_config"], directory=tmp_path / "cache",
