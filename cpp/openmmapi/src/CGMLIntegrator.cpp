@@ -239,7 +239,7 @@ void CGMLIntegrator::setBondLengthLimit(double limit) {
 }
 
 void CGMLIntegrator::setCompiledDynamicsModel(const std::string& packagePath) {
-    learnedStep->setCompiledDynamics(packagePath);
+    learnedStep->setCompiledDynamics(packagePath, packagePath.empty() ? "" : LearnedStep::archiveFingerprint(dynamicsBytes));
 }
 
 const std::string& CGMLIntegrator::getCompiledDynamicsModel() const {
@@ -247,7 +247,7 @@ const std::string& CGMLIntegrator::getCompiledDynamicsModel() const {
 }
 
 void CGMLIntegrator::setCompiledScoreModel(const std::string& packagePath) {
-    learnedStep->setCompiledScore(packagePath);
+    learnedStep->setCompiledScore(packagePath, packagePath.empty() ? "" : LearnedStep::archiveFingerprint(scoreBytes));
 }
 
 const std::string& CGMLIntegrator::getCompiledScoreModel() const {

@@ -193,7 +193,6 @@ LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& sc
       defaultBondLengthLimit(0.0), exclusionCorrections(0), bondLimitCorrections(0),
       generator(at::make_generator<at::CPUGeneratorImpl>(0)) {
     dynamics = loadArchive(dynamicsBytes, "dynamics");
-    dynamicsFingerprint = archiveFingerprint(dynamicsBytes);
     seqLen = requireInt(dynamics, "dynamics", "seq_len");
     modelStepSize = requireDouble(dynamics, "dynamics", "step_size_ps");
     if (seqLen < 1 || seqLen > maxSequenceLength)
@@ -219,7 +218,6 @@ LearnedStep::LearnedStep(const std::string& dynamicsBytes, const std::string& sc
         throw std::invalid_argument("the dynamics model has no forward method");
     if (hasScore) {
         score = loadArchive(scoreBytes, "score");
-        scoreFingerprint = archiveFingerprint(scoreBytes);
         torch::IValue ladder = requireAttribute(score, "score", "sigmas");
         if (!ladder.isTensor())
             throw std::invalid_argument("the score model's attribute 'sigmas' must be a tensor");
@@ -424,12 +422,12 @@ void LearnedStep::loadCompiled(CompiledNetwork& target, const std::string& packa
     target = loaded;
 }
 
-void LearnedStep::setCompiledDynamics(const std::string& packagePath) {
-    loadCompiled(compiledDynamics, packagePath, true, dynamics, dynamicsFingerprint, "dynamics");
+void LearnedStep::setCompiledDynamics(const std::string& packagePath, const std::string& archiveFingerprint) {
+    loadCompiled(compiledDynamics, packagePath, true, dynamics, archiveFingerprint, "dynamics");
 }
 
-void LearnedStep::setCompiledScore(const std::string& packagePath) {
-    loadCompiled(compiledScore, packagePath, hasScore, score, scoreFingerprint, "score");
+void LearnedStep::setCompiledScore(const std::string& packagePath, const std::string& archiveFingerprint) {
+    loadCompiled(compiledScore, packagePath, hasScore, score, archiveFingerprint, "score");
 }
 
 std::vector<torch::Tensor> LearnedStep::runCompiled(const CompiledNetwork& network, const torch::jit::Module& archive,

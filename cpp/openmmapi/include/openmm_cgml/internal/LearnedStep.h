@@ -120,8 +120,10 @@ public:
      * runs only with that archive.
      */
     static std::string archiveFingerprint(const std::string& bytes);
-    void setCompiledDynamics(const std::string& packagePath);
-    void setCompiledScore(const std::string& packagePath);
+    /** archiveFingerprint: the fingerprint of the archive this step was built from (its
+     *  owner has the bytes; computed only when a package is set, ~7 ms per MB). */
+    void setCompiledDynamics(const std::string& packagePath, const std::string& archiveFingerprint);
+    void setCompiledScore(const std::string& packagePath, const std::string& archiveFingerprint);
     const std::string& getCompiledDynamicsPath() const { return compiledDynamics.path; }
     const std::string& getCompiledScorePath() const { return compiledScore.path; }
 
@@ -181,7 +183,6 @@ private:
 
     torch::jit::Module dynamics, score;
     CompiledNetwork compiledDynamics, compiledScore;
-    std::string dynamicsFingerprint, scoreFingerprint;  // archiveFingerprint of the archives' bytes
     bool hasScore;
     int seqLen;
     double modelStepSize;
