@@ -16,7 +16,8 @@ and the ratios learned / MD.
 
 Then the time per learned step against the number of beads (``--tiles``: the timed
 electrolyte frame tiled along its box vectors, a real liquid at every size) shows how cost grows. The last line sums up, e.g.
-``speed: chain 1316x MD (compiled: 2000x), refined: no score model; electrolyte ...``.
+``speed: chain 1333x MD (compiled: 1912x), refined: no score model; electrolyte 12820x MD
+(compiled: 16551x), refined: 749x (compiled: 1112x) (fast 3:3: 1522x)`` (measured 2026-12-06).
 
     python benchmarks/speed.py [--systems chain electrolyte] [--seconds 3] [--threads 1]
                                [--monomers 100] [--tiles 1 2 4 5] [--data DIR]
@@ -24,7 +25,7 @@ electrolyte frame tiled along its box vectors, a real liquid at every size) show
 
 Each learned run is also timed with its networks compiled for this CPU
 (``createIntegrator(compiled=True)``, :mod:`openmm_cgml.compiled`; compiled before the
-timing, ~15 s per network the first time; ``--no-compiled`` skips them).
+timing, ~10-15 s per network the first time; ``--no-compiled`` skips them).
 ``--fast K:LEVELS`` (default 3:3) also times a cheaper refinement, K Langevin steps on
 the LEVELS smallest noise levels (``CGMLIntegrator.setLangevinLevels``), in the same run.
 """
